@@ -1,0 +1,233 @@
+"""In-memory data modules: tensors sliced by index, never per-example Python or PIL."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from vaeflow.errors import DataError
+
+Split = Literal["train", "val", "test"]
+Noise = Literal["none", "static", "dynamic"]
+
+
+class TensorBatches(Dataset):
+    """A tensor whose batches are one indexing operation (``__getitems__``), not a Python stack.
+
+    ``transform`` runs once per batch; it carries the dynamic (per-epoch) randomness such as
+    dynamic binarisation, so fresh noise is drawn every time an example is seen.
+    """
+
+    def __init__(self, data: Tensor, transform: DynamicTransform | None = None) -> None:
+        self.data = data
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> Tensor:
+        batch = self.data[torch.as_tensor(indices)]
+        return batch if self.transform is None else self.transform(batch)
+
+
+def _whole_batch(batch: Tensor) -> Tensor:
+    """The batch is already one tensor: collating is the identity."""
+    return batch
+
+
+class DynamicTransform:
+    """Per-batch noise: dequantisation then binarisation, each only where asked for."""
+
+    def __init__(self, dequantize_width: float | None, binarize: bool) -> None:
+        self.dequantize_width = dequantize_width
+        self.binarize = binarize
+
+    def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if self.dequantize_width is not None:
+            noise = torch.rand(batch.shape, generator=generator, dtype=batch.dtype)
+            batch = batch + self.dequantize_width * noise
+        if self.binarize:
+            batch = torch.bernoulli(batch, generator=generator)
+        return batch
+
+
+class InMemoryDataModule(LightningDataModule):
+    """Base class of vaeflow's data modules: the whole data set lives in memory as one tensor.
+
+    Subclasses implement :meth:`load`; this class validates, scales, adds noise, splits off a
+    validation set with a seed, and serves batches by slicing. Batches are plain tensors of shape
+    ``(batch, *dims)``. Under DDP, Lightning shards them by rank with a distributed sampler.
+
+    Args:
+        batch_size: examples per training batch (evaluation uses the same).
+        val_fraction: fraction of the training set held out for validation (0 disables it).
+        seed: seed of the validation split and of every static noise draw.
+        scale: map the data to [0, 1] (by the known pixel range, else by the data's min and max).
+        dequantize: add uniform noise of one quantisation level to integer data, so that a
+            continuous density is well defined. ``static`` draws it once, ``dynamic`` anew for
+            every training batch (validation and test are then drawn once, reproducibly).
+        binarize: sample binary data with the pixel values as probabilities (``static`` once,
+            ``dynamic`` anew for every training batch, validation and test once).
+        flatten: present each example as a vector rather than an image.
+        num_workers: DataLoader workers; 0 is fastest for in-memory tensors.
+    """
+
+    #: (low, high) of the raw integer values when known (pixels: (0, 255)); None otherwise.
+    value_range: tuple[int, int] | None = None
+
+    def __init__(
+        self,
+        batch_size: int = 100,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        scale: bool = True,
+        dequantize: Noise = "none",
+        binarize: Noise = "none",
+        flatten: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise DataError(f"batch_size must be a positive integer, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if binarize != "none" and not scale:
+            raise DataError("binarize needs the data in [0, 1]: set scale: true")
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.scale = scale
+        self.dequantize = dequantize
+        self.binarize = binarize
+        self.flatten = flatten
+        self.num_workers = num_workers
+        self.splits: dict[str, Tensor] = {}
+        self._level_width = 1.0
+
+    # -- what subclasses provide ---------------------------------------------------------------
+
+    def load(self) -> tuple[Tensor, Tensor | None]:
+        """Raw ``(train, test)`` examples as tensors of shape ``(N, *example_shape)``.
+
+        ``test`` may be None, in which case the test split is carved from the training data.
+        """
+        raise NotImplementedError
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """Shape of one raw example, known without loading the data (it feeds the CLI link)."""
+        raise NotImplementedError
+
+    # -- the shared machinery ------------------------------------------------------------------
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Shape of one example as the model sees it."""
+        shape = self.example_shape
+        return (math.prod(shape),) if self.flatten else shape
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train, test = self.load()
+        generator = torch.Generator().manual_seed(self.seed)
+        train = self._prepare(train, "training", generator)
+        if test is None:
+            train, test = self._split(train, 0.2, torch.Generator().manual_seed(0))
+        else:
+            test = self._prepare(test, "test", generator)
+        train, val = self._split(train, self.val_fraction, generator)
+        self.splits = {"train": train, "val": val, "test": test}
+
+    def _prepare(self, data: Tensor, name: str, generator: torch.Generator) -> Tensor:
+        """Validate, scale, add the static noise and flatten one raw split."""
+        if data.ndim < 2 or len(data) == 0:
+            raise DataError(
+                f"{type(self).__name__}: the {name} data must hold at least one example "
+                f"(shape (N, ...)), got shape {tuple(data.shape)}"
+            )
+        data = data.to(torch.get_default_dtype())
+        if not torch.isfinite(data).all():
+            bad = (~torch.isfinite(data)).sum().item()
+            raise DataError(
+                f"{type(self).__name__}: the {name} data contain {bad} NaN or infinite values; "
+                "clean or impute them before training"
+            )
+        low, high = self._range(data)
+        if self.dequantize != "none":
+            if self.value_range is None and not torch.equal(data, data.round()):
+                raise DataError("dequantize needs integer-valued data (counts, pixel levels)")
+            levels = high - low + 1
+            data = data - low
+            if self.dequantize == "static":
+                data = data + torch.rand(data.shape, generator=generator)
+            low, high = 0.0, float(levels)
+            self._level_width = 1.0 / levels if self.scale else 1.0
+        if self.scale:
+            data = (data - low) / max(high - low, 1e-12)
+        if self.binarize == "static":
+            data = torch.bernoulli(data, generator=generator)
+        return data.flatten(1) if self.flatten else data
+
+    def _range(self, data: Tensor) -> tuple[float, float]:
+        if self.value_range is not None:
+            return float(self.value_range[0]), float(self.value_range[1])
+        return data.min().item(), data.max().item()
+
+    @staticmethod
+    def _split(data: Tensor, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        held_out = int(round(fraction * len(data)))
+        order = torch.randperm(len(data), generator=generator)
+        return data[order[held_out:]], data[order[:held_out]]
+
+    def _dynamic_transform(self) -> DynamicTransform | None:
+        width = self._level_width if self.dequantize == "dynamic" else None
+        if width is None and self.binarize != "dynamic":
+            return None
+        return DynamicTransform(width, self.binarize == "dynamic")
+
+    def _loader(self, split: Split, shuffle: bool) -> DataLoader:
+        if not self.splits:
+            self.setup()
+        data = self.splits[split]
+        if len(data) == 0:
+            raise DataError(f"{type(self).__name__}: the {split} split is empty")
+        transform = self._dynamic_transform()
+        if split != "train" and transform is not None:
+            data, transform = self._eval_noise(split, data), None
+        return DataLoader(
+            TensorBatches(data, transform),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=_whole_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_noise(self, split: Split, data: Tensor) -> Tensor:
+        """Validation and test data get the dynamic noise drawn once, with the seed, and kept."""
+        key = f"{split}_noisy"
+        if key not in self.splits:
+            generator = torch.Generator().manual_seed(self.seed + (1 if split == "val" else 2))
+            self.splits[key] = self._dynamic_transform()(data, generator)
+        return self.splits[key]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
