@@ -1,0 +1,67 @@
+"""The ``vaeflow`` command: LightningCLI's fit/validate/test/predict, plus ``vaeflow list``."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import ArgsType, LightningCLI
+from rich.console import Console
+from rich.table import Table
+
+from vaeflow.errors import VaeflowError
+from vaeflow.registry import LIKELIHOODS, PRIORS, load_plugins
+
+#: Where runs go unless ``trainer.default_root_dir`` or a logger says otherwise.
+RUNS_DIR = "runs"
+
+
+class VaeflowCLI(LightningCLI):
+    """LightningCLI with vaeflow's defaults: any model and data module by class path, the data
+    module's ``dims`` linked into the model's ``input_shape``, runs kept under ``runs/``."""
+
+    def __init__(self, args: ArgsType = None, **kwargs) -> None:
+        trainer_defaults = {
+            "default_root_dir": RUNS_DIR,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": RUNS_DIR, "name": "vaeflow"},
+            },
+            **kwargs.pop("trainer_defaults", {}),
+        }
+        super().__init__(
+            args=args,
+            trainer_defaults=trainer_defaults,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.dims", "model.init_args.input_shape", apply_on="instantiate")
+
+
+def print_registries() -> None:
+    """``vaeflow list``: every registered likelihood and prior, built-in or from plugins."""
+    failed = load_plugins()
+    console = Console()
+    for registry in (LIKELIHOODS, PRIORS):
+        table = Table(title=f"{registry.kind}s ({registry.group})", title_justify="left")
+        for column in ("name", "class", "description"):
+            table.add_column(column)
+        for row in registry.describe():
+            table.add_row(*row)
+        console.print(table)
+    for name, error in failed.items():
+        console.print(f"[red]plugin {name!r} failed to load:[/red] {error}")
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the console script and of ``python -m vaeflow``."""
+    argv = sys.argv[1:] if args is None else args
+    if list(argv[:1]) == ["list"]:
+        print_registries()
+        return
+    load_plugins()
+    try:
+        VaeflowCLI(args=args)
+    except VaeflowError as error:
+        print(f"vaeflow: error: {error}", file=sys.stderr)
+        sys.exit(2)
