@@ -1,0 +1,74 @@
+"""Priors p(z), and their KL divergence to an approximate posterior q(z | x).
+
+The KL goes through ``torch.distributions.kl_divergence`` (and its ``register_kl`` dispatch)
+where an analytic form exists, and falls back to a Monte-Carlo estimate from the posterior's own
+samples otherwise. Register new priors with ``@register_prior("name")`` or the entry-point group
+``vaeflow.priors``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
+
+from vaeflow.registry import register_prior
+
+
+class Prior(nn.Module):
+    """Base class: a distribution over the latent vector (event shape ``(latent_dim,)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latent_dim = 0
+
+    def bind(self, latent_dim: int) -> None:
+        """Fix the latent dimension; called once by the model (creates learned parameters)."""
+        self.latent_dim = latent_dim
+
+    def forward(self) -> Distribution:
+        """The prior distribution p(z)."""
+        raise NotImplementedError
+
+    def kl(self, posterior: Distribution, samples: Tensor) -> Tensor:
+        """KL(q || p) per example: analytic where registered, else the mean over ``samples``
+        (drawn from ``posterior``, shape ``(L, *batch, latent_dim)``) of log q - log p."""
+        prior = self()
+        try:
+            return kl_divergence(posterior, prior)
+        except NotImplementedError:
+            return (posterior.log_prob(samples) - prior.log_prob(samples)).mean(0)
+
+    def has_analytic_kl(self, posterior: Distribution) -> bool:
+        """Whether ``kl_divergence`` has a closed form for this posterior and prior."""
+        try:
+            kl_divergence(posterior, self())
+        except NotImplementedError:
+            return False
+        return True
+
+
+@register_prior("standard_normal")
+class StandardNormalPrior(Prior):
+    """Standard normal N(0, I): the classic VAE prior."""
+
+    def bind(self, latent_dim: int) -> None:
+        super().bind(latent_dim)
+        self.register_buffer("zeros", torch.zeros(latent_dim), persistent=False)
+        self.register_buffer("ones", torch.ones(latent_dim), persistent=False)
+
+    def forward(self) -> Distribution:
+        return Independent(Normal(self.zeros, self.ones, validate_args=False), 1)
+
+
+@register_prior("learned_gaussian")
+class LearnedGaussianPrior(Prior):
+    """Diagonal Gaussian with trainable mean and log standard deviation (starts at N(0, I))."""
+
+    def bind(self, latent_dim: int) -> None:
+        super().bind(latent_dim)
+        self.loc = nn.Parameter(torch.zeros(latent_dim))
+        self.log_scale = nn.Parameter(torch.zeros(latent_dim))
+
+    def forward(self) -> Distribution:
+        return Independent(Normal(self.loc, self.log_scale.exp(), validate_args=False), 1)
