@@ -4,4 +4,11 @@ from vaeflow import likelihoods, priors
 from vaeflow.registry import LIKELIHOODS, PRIORS, register_likelihood, register_prior
 
 __version__ = "0.1.0"
-__all__ = ["LIKELIHOODS", "PRIORS", "likelihoods", "priors", "register_likelihood", "register_prior"]
+__all__ = [
+    "LIKELIHOODS",
+    "PRIORS",
+    "likelihoods",
+    "priors",
+    "register_likelihood",
+    "register_prior",
+]

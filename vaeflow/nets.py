@@ -7,6 +7,7 @@ it derives from the data and the likelihood. Any ``nn.Module`` class with that s
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -51,7 +52,7 @@ class MLP(nn.Module):
         act = activation_class(activation)
         widths = [math.prod(self.input_shape), *hidden]
         layers: list[nn.Module] = []
-        for width_in, width_out in zip(widths[:-1], widths[1:], strict=True):
+        for width_in, width_out in itertools.pairwise(widths):
             layers += [nn.Linear(width_in, width_out), act()]
         layers.append(nn.Linear(widths[-1], out_features))
         self.layers = nn.Sequential(*layers)

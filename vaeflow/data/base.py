@@ -184,7 +184,7 @@ class InMemoryDataModule(LightningDataModule):
 
     @staticmethod
     def _split(data: Tensor, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        held_out = int(round(fraction * len(data)))
+        held_out = round(fraction * len(data))
         order = torch.randperm(len(data), generator=generator)
         return data[order[held_out:]], data[order[:held_out]]
 

@@ -45,7 +45,7 @@ class VAE(LightningModule):
         beta: weight of the KL term (1 is the ELBO); it never depends on the data-set size.
         eval_samples: importance samples K of the log-likelihood estimate logged at validation
             and test (0 skips it; 5000 is the literature's standard for MNIST test scores).
-        optimizer: optimiser factory, e.g. ``{class_path: torch.optim.Adam, init_args: {lr: 1e-3}}``.
+        optimizer: optimiser factory (YAML: ``class_path: torch.optim.Adam`` + ``init_args``).
         lr_scheduler: optional learning-rate scheduler factory.
     """
 
