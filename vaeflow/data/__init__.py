@@ -1,6 +1,15 @@
 """LightningDataModules that keep their data in memory as tensors."""
 
+from vaeflow.data.array import ArrayDataModule
 from vaeflow.data.base import InMemoryDataModule
 from vaeflow.data.digits import DigitsDataModule
+from vaeflow.data.torchvision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 
-__all__ = ["DigitsDataModule", "InMemoryDataModule"]
+__all__ = [
+    "ArrayDataModule",
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "InMemoryDataModule",
+    "MNISTDataModule",
+]

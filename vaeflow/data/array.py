@@ -1,0 +1,177 @@
+"""A user's own array file (``.npy``, ``.npz``, ``.pt`` or ``.csv``) as an in-memory data module."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaeflow.data.base import InMemoryDataModule
+from vaeflow.errors import DataError
+
+Array = np.ndarray | Tensor
+
+
+def _pick(arrays: Mapping[str, Any], key: str | None, path: Path) -> Any:
+    """The array named ``key`` in a file that holds several; the only one needs no key."""
+    if key is None and len(arrays) == 1:
+        return next(iter(arrays.values()))
+    names = ", ".join(sorted(arrays)) or "none"
+    if key is None:
+        raise DataError(f"{path} holds several arrays ({names}): choose one with `key`")
+    if key not in arrays:
+        raise DataError(f"{path} has no array {key!r}; its keys are: {names}")
+    return arrays[key]
+
+
+def _read_npy(path: Path, key: str | None) -> Array:
+    # Memory-mapped: the shape costs a header read; the values are read when the data load.
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _read_npz(path: Path, key: str | None) -> Array:
+    with np.load(path, allow_pickle=False) as arrays:
+        return _pick(arrays, key, path)
+
+
+def _read_pt(path: Path, key: str | None) -> Array:
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise DataError(
+            f"{path} holds objects other than tensors, which are not loaded for safety: save a "
+            f"tensor or a dict of tensors ({error})"
+        ) from error
+    if isinstance(content, Mapping):
+        content = _pick(content, key, path)
+    if not isinstance(content, Tensor):
+        raise DataError(f"{path} holds a {type(content).__name__}; expected a tensor")
+    return content
+
+
+def _read_csv(path: Path, key: str | None) -> Array:
+    with path.open() as file:
+        first = file.readline()
+    try:
+        np.array(first.split(","), dtype=float)
+        header = 0
+    except ValueError:
+        header = 1  # the first row names the columns
+    return np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2)
+
+
+#: File extension -> reader of the file's array.
+READERS: dict[str, Callable[[Path, str | None], Array]] = {
+    ".npy": _read_npy,
+    ".npz": _read_npz,
+    ".pt": _read_pt,
+    ".csv": _read_csv,
+}
+
+
+def read_array(path: Path, key: str | None = None) -> Array:
+    """Read and check one array of examples, one per row: shape ``(N, ...)``, numeric, finite.
+
+    Args:
+        path: the file; its extension picks the reader.
+        key: which array of a ``.npz`` file or of a ``.pt`` file's dict (ignored by the formats
+            that hold one array).
+
+    Raises:
+        DataError: the file is missing, unreadable, or not a non-empty numeric (N, ...) array.
+    """
+    if not path.is_file():
+        raise DataError(f"data file not found: {path.resolve()}")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix!r}; supported: {', '.join(READERS)}"
+        )
+    try:
+        array = reader(path, key)
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as error:
+        raise DataError(
+            f"{path} could not be read as {path.suffix} numeric data: {error}"
+        ) from error
+    dtype = str(array.dtype)
+    if isinstance(array, np.ndarray) and array.dtype.kind not in "biuf":
+        raise DataError(f"{path} must hold numbers, got dtype {dtype}")
+    if isinstance(array, Tensor) and array.is_complex():
+        raise DataError(f"{path} must hold real numbers, got dtype {dtype}")
+    if array.ndim < 2:
+        raise DataError(
+            f"{path} holds an array of shape {tuple(array.shape)}; expected (N, ...) with one "
+            "example per row, e.g. (N, D) for vectors: reshape it to (N, 1) if each example is "
+            "one number"
+        )
+    if 0 in array.shape:
+        raise DataError(f"{path} is empty: its array has shape {tuple(array.shape)}")
+    return array
+
+
+class ArrayDataModule(InMemoryDataModule):
+    """Data from a file of the user's: ``.npy``, ``.npz``, ``.pt`` (a tensor or a dict of
+    tensors) or ``.csv`` (numbers, comma-separated, an optional header row).
+
+    Rows are examples. ``uint8`` data are taken as pixels in 0..255; other data are scaled by
+    their minimum and maximum.
+
+    Args:
+        path: the training data (a test split is carved from it unless ``test_path`` is given).
+        key: the array to use when the file holds several (``.npz``, or a ``.pt`` dict).
+        test_path: optional file of test data, with the same shape per example.
+        **kwargs: the options of :class:`~vaeflow.data.base.InMemoryDataModule`.
+    """
+
+    def __init__(
+        self, path: str, key: str | None = None, test_path: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.path = Path(path).expanduser()
+        self.key = key
+        self.test_path = None if test_path is None else Path(test_path).expanduser()
+        self._raw: dict[Path, Array] = {}
+
+    def _array(self, path: Path) -> Array:
+        """The file's array, read once: ``dims`` needs it before the data load."""
+        if path not in self._raw:
+            self._raw[path] = read_array(path, self.key)
+        return self._raw[path]
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(self._array(self.path).shape[1:])
+
+    def load(self) -> tuple[Tensor, Tensor | None]:
+        train = self._tensor(self.path)
+        test = None if self.test_path is None else self._tensor(self.test_path)
+        if test is not None and test.shape[1:] != train.shape[1:]:
+            raise DataError(
+                f"test_path {self.test_path} holds examples of shape {tuple(test.shape[1:])}, "
+                f"but path {self.path} holds examples of shape {tuple(train.shape[1:])}"
+            )
+        pixels = train.dtype == torch.uint8 and (test is None or test.dtype == torch.uint8)
+        self.value_range = (0, 255) if pixels else None
+        return train, test
+
+    def _tensor(self, path: Path) -> Tensor:
+        """Copy the file's array into memory (it may be memory-mapped) and check it is finite."""
+        array = self._array(path)
+        self._raw.pop(path)
+        tensor = torch.tensor(np.asarray(array)) if isinstance(array, np.ndarray) else array
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = ~torch.isfinite(tensor.flatten(1)).all(dim=1)
+            rows = bad.nonzero().flatten()
+            raise DataError(
+                f"{path} has NaN or infinite values in {len(rows)} examples (the first is row "
+                f"{rows[0].item()}); drop or impute them before training"
+            )
+        return tensor
