@@ -62,6 +62,16 @@ def main(args: ArgsType = None) -> None:
     load_plugins()
     try:
         VaeflowCLI(args=args)
-    except VaeflowError as error:
-        print(f"vaeflow: error: {error}", file=sys.stderr)
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None:
+            raise
+        print(f"vaeflow: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error(error: BaseException | None) -> VaeflowError | None:
+    """The :class:`VaeflowError` behind ``error``, which jsonargparse or Lightning may wrap."""
+    while error is not None and not isinstance(error, VaeflowError):
+        error = error.__cause__ or error.__context__
+    return error
