@@ -98,7 +98,7 @@ def test_likelihood_log_prob_matches_scipy_in_float64(name: str, kwargs: dict) -
     params = outputs.unflatten(-1, (likelihood.params_per_element, *EVENT_SHAPE)).numpy()
     expected = SCIPY_LIKELIHOODS[name][1](likelihood, *params.swapaxes(0, 1), x.numpy())
     np.testing.assert_allclose(
-        dist.log_prob(x).numpy(), expected.sum(axis=(1, 2)), rtol=1e-10, atol=1e-10
+        dist.log_prob(x).detach().numpy(), expected.sum(axis=(1, 2)), rtol=1e-10, atol=1e-10
     )
 
 
