@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -63,7 +64,9 @@ def _read_csv(path: Path, key: str | None) -> Array:
         header = 0
     except ValueError:
         header = 1  # the first row names the columns
-    return np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # "is empty" below
+        return np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2)
 
 
 #: File extension -> reader of the file's array.

@@ -142,11 +142,11 @@ class CIFAR10DataModule(TorchvisionDataModule):
     ``<root>/cifar-10-batches-py``.
     """
 
-    dataset_class = CIFAR10
+    dataset_class: ClassVar[type[CIFAR10]] = CIFAR10
     image_shape = (3, 32, 32)
 
     def archives(self) -> list[Archive]:
-        cls = CIFAR10
+        cls = self.dataset_class
         folder = self.root / cls.base_folder
         names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         return [Archive(self.root / cls.filename, cls.tgz_md5, tuple(folder / n for n in names))]

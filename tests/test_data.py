@@ -1,0 +1,470 @@
+"""Data modules: shapes, scaling, noise, splits, batching by index, file formats and user errors."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+from torch import Tensor
+from torchvision.datasets import CIFAR10
+
+from vaeflow.data import (
+    ArrayDataModule,
+    CIFAR10DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    InMemoryDataModule,
+    MNISTDataModule,
+)
+from vaeflow.data.base import TensorBatches
+from vaeflow.data.torchvision import TorchvisionDataModule
+from vaeflow.errors import DataError
+
+TORCHVISION_MODULES = [MNISTDataModule, FashionMNISTDataModule, CIFAR10DataModule]
+
+
+def epoch(loader: torch.utils.data.DataLoader) -> Tensor:
+    """All batches of one pass, concatenated."""
+    return torch.cat(list(loader))
+
+
+# -- torchvision data sets ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", params=[MNISTDataModule, FashionMNISTDataModule])
+def mnist_module(
+    request: pytest.FixtureRequest, mnist_root: Path
+) -> Iterator[TorchvisionDataModule]:
+    """MNIST or Fashion-MNIST set up once per session, with PIL forbidden while it loads."""
+
+    def no_pil(*args: object, **kwargs: object) -> None:
+        raise AssertionError("images went through PIL one by one")
+
+    module = request.param(root=str(mnist_root), batch_size=500)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("PIL.Image.fromarray", no_pil)
+        patch.setattr("torchvision.datasets.mnist._Image_fromarray", no_pil)
+        module.setup()
+    yield module
+
+
+def test_mnist_splits_shapes_and_scale(mnist_module: TorchvisionDataModule) -> None:
+    splits = mnist_module.splits
+    assert mnist_module.dims == (784,)
+    assert {name: tuple(splits[name].shape) for name in ("train", "val", "test")} == {
+        "train": (54_000, 784),
+        "val": (6_000, 784),
+        "test": (10_000, 784),
+    }
+    assert splits["train"].min() == 0.0 and splits["train"].max() == 1.0
+    # Pixels are scaled by the known range, not the data's: 255 levels, all on the 1/255 grid.
+    levels = splits["test"] * 255
+    assert torch.equal(levels, levels.round())
+    batch = next(iter(mnist_module.train_dataloader()))
+    assert batch.shape == (500, 784) and batch.dtype == torch.get_default_dtype()
+
+
+def test_mnist_archives_are_unpacked_beside_them(mnist_module: TorchvisionDataModule) -> None:
+    for archive in mnist_module.archives():
+        assert archive.is_extracted(), archive.extracted
+
+
+@pytest.mark.parametrize("module_class", TORCHVISION_MODULES)
+def test_torchvision_dims_known_without_files(
+    module_class: type[TorchvisionDataModule], tmp_path: Path
+) -> None:
+    image = (3, 32, 32) if module_class is CIFAR10DataModule else (1, 28, 28)
+    assert module_class(root=str(tmp_path / "absent")).dims == (int(np.prod(image)),)
+    assert module_class(root=str(tmp_path / "absent"), flatten=False).dims == image
+    assert module_class.value_range == (0, 255)
+
+
+@pytest.mark.parametrize("module_class", TORCHVISION_MODULES)
+def test_torchvision_missing_files_say_where_and_how(
+    module_class: type[TorchvisionDataModule], tmp_path: Path
+) -> None:
+    module = module_class(root=str(tmp_path))
+    with pytest.raises(DataError) as error:
+        module.setup()
+    message = str(error.value)
+    assert str(module.archives()[0].path.parent.resolve()) in message
+    assert all(archive.path.name in message for archive in module.archives())
+    assert "download: true" in message and "root" in message
+
+
+def test_mnist_md5_catches_a_corrupted_copy(tmp_path: Path, mnist_root: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for source in (mnist_root / "MNIST" / "raw").glob("*.gz"):
+        (raw / source.name).symlink_to(source.resolve())
+    corrupted = raw / "t10k-labels-idx1-ubyte.gz"
+    content = bytearray(corrupted.read_bytes())
+    content[100] ^= 0xFF
+    corrupted.unlink()
+    corrupted.write_bytes(bytes(content))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz is corrupted"):
+        MNISTDataModule(root=str(tmp_path)).setup()
+    assert not (raw / "t10k-labels-idx1-ubyte").exists(), "nothing is unpacked from a bad copy"
+
+
+@pytest.fixture
+def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Tensor, Tensor]:
+    """A tiny CIFAR-10 archive in the published layout, with torchvision's checksums patched to
+    it: the offline path (MD5, unpacking, channels-last to channels-first) runs without CIFAR."""
+    generator = torch.Generator().manual_seed(0)
+    train, test = (torch.randint(0, 256, (n, 3, 32, 32), generator=generator) for n in (6, 4))
+    folder = tmp_path / "build" / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    batches = {"data_batch_1": train, "test_batch": test}
+    for name, images in batches.items():
+        entry = {"data": images.to(torch.uint8).flatten(1).numpy(), "labels": [0] * len(images)}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a"]}))
+    archive = tmp_path / "root" / CIFAR10.filename
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=CIFAR10.base_folder)
+    monkeypatch.setattr(CIFAR10, "train_list", [["data_batch_1", None]])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", None]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": None})
+    monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    return archive.parent, train, test
+
+
+def test_cifar_archive_is_verified_unpacked_and_channels_first(
+    fake_cifar: tuple[Path, Tensor, Tensor],
+) -> None:
+    root, train, test = fake_cifar
+    loaded_train, loaded_test = CIFAR10DataModule(root=str(root)).load()
+    assert loaded_train.shape == (6, 3, 32, 32) and loaded_train.dtype == torch.uint8
+    assert torch.equal(loaded_train, train.to(torch.uint8))
+    assert torch.equal(loaded_test, test.to(torch.uint8))
+
+
+def test_cifar_corrupted_archive(
+    fake_cifar: tuple[Path, Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(CIFAR10, "tgz_md5", "0" * 32)
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz is corrupted"):
+        CIFAR10DataModule(root=str(fake_cifar[0])).setup()
+
+
+@pytest.mark.parametrize("module_class", [MNISTDataModule, ArrayDataModule])
+def test_cli_help_shows_inherited_options(module_class: type[InMemoryDataModule]) -> None:
+    parser = ArgumentParser()
+    parser.add_class_arguments(module_class, "data")
+    text = parser.format_help()
+    assert "--data.batch_size" in text and "examples per training batch" in text
+    assert "--data.binarize" in text
+
+
+# -- base-class options, on the small bundled digits ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def digits() -> DigitsDataModule:
+    module = DigitsDataModule(batch_size=64)
+    module.setup()
+    return module
+
+
+def test_digits_scaled_to_unit_interval(digits: DigitsDataModule) -> None:
+    train = digits.splits["train"]
+    assert train.min() == 0.0 and train.max() == 1.0
+    levels = train * 16
+    assert torch.equal(levels, levels.round())
+
+
+def test_split_sizes_and_fixed_test_split(digits: DigitsDataModule) -> None:
+    sizes = {name: len(digits.splits[name]) for name in ("train", "val", "test")}
+    assert sum(sizes.values()) == 1797
+    assert sizes["test"] == round(0.2 * 1797)
+    other_seed = DigitsDataModule(seed=5)
+    other_seed.setup()
+    assert torch.equal(other_seed.splits["test"], digits.splits["test"])
+
+
+def test_flatten_on_and_off(digits: DigitsDataModule) -> None:
+    assert digits.dims == (64,)
+    assert next(iter(digits.train_dataloader())).shape == (64, 64)
+    images = DigitsDataModule(batch_size=10, flatten=False)
+    assert images.dims == (1, 8, 8)
+    assert next(iter(images.val_dataloader())).shape == (10, 1, 8, 8)
+
+
+def test_batches_are_one_index_slice(
+    digits: DigitsDataModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    slice_batch = TensorBatches.__getitems__
+
+    def counted(self: TensorBatches, indices: list[int]) -> Tensor:
+        calls.append(len(indices))
+        return slice_batch(self, indices)
+
+    def per_example(self: TensorBatches, index: int) -> Tensor:
+        raise AssertionError("an example was fetched on its own")
+
+    monkeypatch.setattr(TensorBatches, "__getitems__", counted)
+    monkeypatch.setattr(TensorBatches, "__getitem__", per_example)
+    batches = list(digits.train_dataloader())
+    assert calls == [len(batch) for batch in batches]
+    assert sum(calls) == len(digits.splits["train"]) and calls[0] == 64
+
+
+@pytest.fixture
+def numbered(tmp_path: Path) -> Path:
+    """Rows that identify themselves: row i is (i, i, i)."""
+    path = tmp_path / "numbered.npy"
+    np.save(path, np.repeat(np.arange(200.0)[:, None], 3, axis=1))
+    return path
+
+
+def test_validation_split_reproducible_and_disjoint(numbered: Path) -> None:
+    def rows(seed: int, split: str) -> set[int]:
+        module = ArrayDataModule(str(numbered), seed=seed, scale=False, val_fraction=0.25)
+        module.setup()
+        return set(module.splits[split][:, 0].int().tolist())
+
+    train, val, test = (rows(0, split) for split in ("train", "val", "test"))
+    assert len(val) == 40 and not train & val and not (train | val) & test
+    assert train | val | test == set(range(200))
+    assert rows(0, "val") == val
+    assert rows(1, "val") != val
+    assert rows(1, "test") == test
+
+
+def test_static_binarisation_is_drawn_once(digits: DigitsDataModule) -> None:
+    module = DigitsDataModule(binarize="static")
+    module.setup()
+    data = module.train_dataloader().dataset
+    everything = list(range(len(data)))
+    first = data.__getitems__(everything)
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(first, data.__getitems__(everything))
+    again = DigitsDataModule(binarize="static")
+    again.setup()
+    for split in ("train", "val", "test"):
+        assert torch.equal(again.splits[split], module.splits[split])
+    # Roughly the grey levels on average: binarising keeps the mean image.
+    assert abs(first.mean() - digits.splits["train"].mean()) < 0.01
+
+
+def test_dynamic_binarisation_is_fresh_each_epoch_and_fixed_for_evaluation() -> None:
+    module = DigitsDataModule(binarize="dynamic", batch_size=2000)
+    data = module.train_dataloader().dataset
+    everything = list(range(len(data)))
+    first, second = data.__getitems__(everything), data.__getitems__(everything)
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(first, second)
+    assert torch.equal(module.splits["train"], data.data), "stored data stay grey"
+    val = epoch(module.val_dataloader())
+    assert set(val.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(val, epoch(module.val_dataloader()))
+    twin = DigitsDataModule(binarize="dynamic", batch_size=7)
+    assert torch.equal(epoch(twin.val_dataloader()), val)
+    assert torch.equal(epoch(twin.test_dataloader()), epoch(module.test_dataloader()))
+    other_seed = DigitsDataModule(binarize="dynamic", seed=3)
+    other_seed.setup()
+    assert not torch.equal(epoch(other_seed.test_dataloader()), epoch(module.test_dataloader()))
+
+
+@pytest.mark.parametrize("dequantize", ["static", "dynamic"])
+def test_dequantisation_stays_within_each_level(digits: DigitsDataModule, dequantize: str) -> None:
+    module = DigitsDataModule(dequantize=dequantize)
+    test = epoch(module.test_dataloader())
+    assert test.min() >= 0.0 and test.max() < 1.0
+    assert not torch.equal(test * 17, (test * 17).floor()), "noise was added"
+    # 17 grey levels (0..16), each widened to an interval of 1/17.
+    assert torch.equal((test * 17).floor(), (digits.splits["test"] * 16).round())
+    assert torch.equal(test, epoch(DigitsDataModule(dequantize=dequantize).test_dataloader()))
+    data = module.train_dataloader().dataset
+    first = data.__getitems__(list(range(len(data))))
+    second = data.__getitems__(list(range(len(data))))
+    assert torch.equal(first, second) == (dequantize == "static")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
+        ({"binarize": "static", "scale": False}, "binarize needs the data in"),
+    ],
+)
+def test_impossible_options(options: dict[str, object], message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        DigitsDataModule(**options)
+
+
+# -- ArrayDataModule -----------------------------------------------------------------------------
+
+DATA = np.arange(60, dtype=np.float32).reshape(20, 3) / 4
+
+
+def save_npy(path: Path) -> tuple[Path, str | None]:
+    np.save(path.with_suffix(".npy"), DATA)
+    return path.with_suffix(".npy"), None
+
+
+def save_npz_single(path: Path) -> tuple[Path, str | None]:
+    np.savez(path.with_suffix(".npz"), DATA)
+    return path.with_suffix(".npz"), None
+
+
+def save_npz_keyed(path: Path) -> tuple[Path, str | None]:
+    np.savez_compressed(path.with_suffix(".npz"), x=DATA, y=np.zeros(20))
+    return path.with_suffix(".npz"), "x"
+
+
+def save_pt_tensor(path: Path) -> tuple[Path, str | None]:
+    torch.save(torch.from_numpy(DATA), path.with_suffix(".pt"))
+    return path.with_suffix(".pt"), None
+
+
+def save_pt_dict(path: Path) -> tuple[Path, str | None]:
+    torch.save({"x": torch.from_numpy(DATA), "labels": torch.zeros(20)}, path.with_suffix(".pt"))
+    return path.with_suffix(".pt"), "x"
+
+
+def save_csv(path: Path) -> tuple[Path, str | None]:
+    np.savetxt(path.with_suffix(".csv"), DATA, delimiter=",")
+    return path.with_suffix(".csv"), None
+
+
+def save_csv_header(path: Path) -> tuple[Path, str | None]:
+    np.savetxt(path.with_suffix(".csv"), DATA, delimiter=",", header="a,b,c", comments="")
+    return path.with_suffix(".csv"), None
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        save_npy,
+        save_npz_single,
+        save_npz_keyed,
+        save_pt_tensor,
+        save_pt_dict,
+        save_csv,
+        save_csv_header,
+    ],
+)
+def test_array_formats_round_trip(
+    save: Callable[[Path], tuple[Path, str | None]], tmp_path: Path
+) -> None:
+    path, key = save(tmp_path / "data")
+    module = ArrayDataModule(str(path), key=key, scale=False, val_fraction=0.0)
+    assert module.dims == (3,)
+    train, test = module.load()
+    assert test is None and module.value_range is None
+    np.testing.assert_array_equal(train.numpy(), DATA)
+
+
+def test_array_images_uint8_and_test_path(tmp_path: Path) -> None:
+    generator = np.random.default_rng(0)
+    train = generator.integers(0, 200, (30, 1, 4, 4), dtype=np.uint8)
+    np.save(tmp_path / "train.npy", train)
+    np.save(tmp_path / "test.npy", train[:5])
+    module = ArrayDataModule(
+        str(tmp_path / "train.npy"), test_path=str(tmp_path / "test.npy"), flatten=False
+    )
+    assert module.dims == (1, 4, 4)
+    module.setup()
+    assert module.value_range == (0, 255), "uint8 data are pixels"
+    expected = torch.from_numpy(train[:5]).float() / 255
+    torch.testing.assert_close(module.splits["test"], expected)
+    assert len(module.splits["train"]) + len(module.splits["val"]) == 30
+
+
+def test_array_float_data_scaled_by_their_range(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", DATA - 3)
+    module = ArrayDataModule(str(tmp_path / "x.npy"), val_fraction=0.0)
+    module.setup()
+    every = torch.cat([module.splits["train"], module.splits["test"]])
+    assert every.min() == 0.0 and every.max() == 1.0
+
+
+def write_bytes(name: str, content: bytes) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        (folder / name).write_bytes(content)
+        return folder / name
+
+    return write
+
+
+def write_array(name: str, array: np.ndarray) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        np.save(folder / name, array)
+        return folder / name
+
+    return write
+
+
+def write_pt(name: str, content: object) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        torch.save(content, folder / name)
+        return folder / name
+
+    return write
+
+
+def write_npz(name: str) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        np.savez(folder / name, images=DATA, labels=np.zeros(20))
+        return folder / name
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("write", "key", "message"),
+    [
+        (write_bytes("x.txt", b"1,2\n"), None, r"unsupported file type '\.txt'; supported: \.npy"),
+        (write_bytes("x.csv", b"a,b\n1,2\n3,oops\n"), None, "could not convert string 'oops'"),
+        (write_bytes("x.csv", b""), None, "is empty"),
+        (write_bytes("x.npy", b"not numpy"), None, "could not be read as .npy"),
+        (write_array("x.npy", np.arange(5.0)), None, r"shape \(5,\); expected \(N, \.\.\.\)"),
+        (write_array("x.npy", np.array([["a", "b"]])), None, "must hold numbers, got dtype <U1"),
+        (write_array("x.npy", np.zeros((0, 4))), None, r"is empty: its array has shape \(0, 4\)"),
+        (
+            write_array("x.npy", np.array([[0.0, 1.0], [2.0, np.nan], [np.inf, 0.0]])),
+            None,
+            "NaN or infinite values in 2 examples \\(the first is row 1\\)",
+        ),
+        (write_npz("x.npz"), None, r"holds several arrays \(images, labels\): choose one with"),
+        (write_npz("x.npz"), "pixels", "has no array 'pixels'; its keys are: images, labels"),
+        (write_pt("x.pt", {"a": torch.ones(2, 2)}), "b", "has no array 'b'; its keys are: a"),
+        (write_pt("x.pt", [1, 2]), None, "holds a list; expected a tensor"),
+    ],
+)
+def test_array_errors_are_clear(
+    write: Callable[[Path], Path], key: str | None, message: str, tmp_path: Path
+) -> None:
+    path = write(tmp_path)
+    with pytest.raises(DataError, match=message) as error:
+        ArrayDataModule(str(path), key=key).setup()
+    assert str(path) in str(error.value)
+
+
+def test_array_missing_file_gives_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data file not found") as error:
+        _ = ArrayDataModule("absent.npy").dims
+    assert str(tmp_path / "absent.npy") in str(error.value)
+
+
+def test_array_test_path_of_another_shape(tmp_path: Path) -> None:
+    np.save(tmp_path / "train.npy", DATA)
+    np.save(tmp_path / "test.npy", DATA[:, :2])
+    module = ArrayDataModule(str(tmp_path / "train.npy"), test_path=str(tmp_path / "test.npy"))
+    with pytest.raises(DataError, match=r"examples of shape \(2,\), but path .* shape \(3,\)"):
+        module.setup()
