@@ -114,6 +114,22 @@ def test_mnist_md5_catches_a_corrupted_copy(tmp_path: Path, mnist_root: Path) ->
     assert not (raw / "t10k-labels-idx1-ubyte").exists(), "nothing is unpacked from a bad copy"
 
 
+def test_unwritable_root_says_so(
+    tmp_path: Path, mnist_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for source in (mnist_root / "FashionMNIST" / "raw").glob("*.gz"):
+        (raw / source.name).symlink_to(source.resolve())
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("vaeflow.data.torchvision.tempfile.TemporaryDirectory", read_only)
+    with pytest.raises(DataError, match=r"could not unpack .* point `root` at a writable folder"):
+        FashionMNISTDataModule(root=str(tmp_path)).prepare_data()
+
+
 @pytest.fixture
 def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Tensor, Tensor]:
     """A tiny CIFAR-10 archive in the published layout, with torchvision's checksums patched to
@@ -389,6 +405,17 @@ def test_array_float_data_scaled_by_their_range(tmp_path: Path) -> None:
     module.setup()
     every = torch.cat([module.splits["train"], module.splits["test"]])
     assert every.min() == 0.0 and every.max() == 1.0
+
+
+@pytest.mark.xfail(
+    strict=True, reason="base.py scales each split by its own min and max; reported to its owner"
+)
+def test_array_test_path_scaled_with_the_training_range(tmp_path: Path) -> None:
+    np.save(tmp_path / "train.npy", np.linspace(0.0, 10.0, 40).reshape(20, 2))
+    np.save(tmp_path / "test.npy", np.array([[2.0, 4.0], [6.0, 8.0]]))
+    module = ArrayDataModule(str(tmp_path / "train.npy"), test_path=str(tmp_path / "test.npy"))
+    module.setup()
+    torch.testing.assert_close(module.splits["test"], torch.tensor([[0.2, 0.4], [0.6, 0.8]]))
 
 
 def write_bytes(name: str, content: bytes) -> Callable[[Path], Path]:

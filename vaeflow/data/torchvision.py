@@ -7,6 +7,8 @@ or corrupted file is a :class:`~vaeflow.errors.DataError` that says how to fix i
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -89,7 +91,23 @@ class TorchvisionDataModule(InMemoryDataModule):
                 "published one); delete it and set `download: true`, or copy it again"
             )
         for archive in pending:
-            extract_archive(archive.path, archive.path.parent)
+            self._unpack(archive)
+
+    def _unpack(self, archive: Archive) -> None:
+        """Unpack into a scratch folder, then move each file in place: an interrupted run, or
+        another process unpacking at the same time, never leaves a truncated file behind."""
+        folder = archive.path.parent
+        try:
+            with tempfile.TemporaryDirectory(dir=folder, prefix=".unpacking-") as scratch:
+                extract_archive(archive.path, scratch)
+                for path in archive.extracted:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(Path(scratch) / path.relative_to(folder), path)
+        except OSError as error:
+            raise DataError(
+                f"{type(self).__name__}: could not unpack {archive.path} in {folder.resolve()} "
+                f"({error}); point `root` at a writable folder (links to the archives will do)"
+            ) from error
 
     def _missing_message(self, missing: list[Archive]) -> str:
         name = self.dataset_class.__name__
