@@ -3,6 +3,7 @@
 from vaeflow.data.array import ArrayDataModule
 from vaeflow.data.base import InMemoryDataModule
 from vaeflow.data.digits import DigitsDataModule
+from vaeflow.data.synthetic import SyntheticFADataModule
 from vaeflow.data.torchvision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "FashionMNISTDataModule",
     "InMemoryDataModule",
     "MNISTDataModule",
+    "SyntheticFADataModule",
 ]
