@@ -407,9 +407,6 @@ def test_array_float_data_scaled_by_their_range(tmp_path: Path) -> None:
     assert every.min() == 0.0 and every.max() == 1.0
 
 
-@pytest.mark.xfail(
-    strict=True, reason="base.py scales each split by its own min and max; reported to its owner"
-)
 def test_array_test_path_scaled_with_the_training_range(tmp_path: Path) -> None:
     np.save(tmp_path / "train.npy", np.linspace(0.0, 10.0, 40).reshape(20, 2))
     np.save(tmp_path / "test.npy", np.array([[2.0, 4.0], [6.0, 8.0]]))

@@ -111,6 +111,7 @@ class InMemoryDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.splits: dict[str, Tensor] = {}
         self._level_width = 1.0
+        self._data_range: tuple[float, float] | None = None
 
     # -- what subclasses provide ---------------------------------------------------------------
 
@@ -178,9 +179,12 @@ class InMemoryDataModule(LightningDataModule):
         return data.flatten(1) if self.flatten else data
 
     def _range(self, data: Tensor) -> tuple[float, float]:
+        """The known value range, else the training data's (every split is scaled alike)."""
         if self.value_range is not None:
             return float(self.value_range[0]), float(self.value_range[1])
-        return data.min().item(), data.max().item()
+        if self._data_range is None:  # the training split is prepared first
+            self._data_range = data.min().item(), data.max().item()
+        return self._data_range
 
     @staticmethod
     def _split(data: Tensor, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -223,8 +227,9 @@ class InMemoryDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> DataLoader | list:
+        """No loader (validation off) when ``val_fraction`` is 0."""
+        return self._loader("val", shuffle=False) if self.val_fraction > 0 else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

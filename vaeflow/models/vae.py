@@ -19,6 +19,7 @@ from torch.distributions import Distribution, Independent, Normal
 from typing_extensions import override
 
 from vaeflow.errors import ConfigError
+from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood
 from vaeflow.nets import MLP, NetFactory
 from vaeflow.priors import Prior
@@ -65,7 +66,7 @@ class VAE(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        save_plain_hyperparameters(self)
         if latent_dim < 1 or num_samples < 1 or eval_samples < 0:
             raise ConfigError(
                 "latent_dim and num_samples must be positive and eval_samples non-negative; got "

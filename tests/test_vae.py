@@ -1,0 +1,198 @@
+"""VAE: the ELBO estimators, the importance-weighted log-likelihood, training and reloading."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+from vaeflow.data import DigitsDataModule
+from vaeflow.errors import DataError
+from vaeflow.likelihoods import GaussianLikelihood
+from vaeflow.models import VAE
+
+
+def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return pl.Trainer(**defaults | kwargs)
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    data = DigitsDataModule(binarize="static")
+    data.setup()
+    return data.splits["test"][:64]
+
+
+class LinearGaussian:
+    """z ~ N(0, I), x | z ~ N(W z + b, diag(sigma^2)): log p(x) is exact, and so is the posterior."""
+
+    def __init__(self, data_dim: int = 5, latent_dim: int = 2, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(data_dim, latent_dim, generator=generator, dtype=torch.float64)
+        self.b = torch.randn(data_dim, generator=generator, dtype=torch.float64)
+        self.sigma = 0.5 + torch.rand(data_dim, generator=generator, dtype=torch.float64)
+        precision = torch.eye(latent_dim, dtype=torch.float64) + self.W.T @ (
+            self.W / self.sigma[:, None] ** 2
+        )
+        self.posterior_cov = torch.linalg.inv(precision)
+        self.to_posterior_mean = self.posterior_cov @ self.W.T / self.sigma**2
+
+    def decoder(self, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
+        layer = nn.Linear(input_shape[0], out_features).double()
+        layer.weight.data.copy_(self.W)
+        layer.bias.data.copy_(self.b)
+        return layer
+
+    def encoder(self, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
+        """The exact posterior mean, and its marginal standard deviations widened by 20%
+        (a diagonal proposal must cover a correlated posterior)."""
+        model = self
+
+        class Posterior(nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                loc = (x - model.b) @ model.to_posterior_mean.T
+                std = 1.2 * model.posterior_cov.diagonal().sqrt().expand_as(loc)
+                return torch.cat(
+                    [loc, std + torch.log(-torch.expm1(-std))], dim=-1
+                )  # inverse softplus
+
+        return Posterior()
+
+    def exact_log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        cov = self.W @ self.W.T + torch.diag(self.sigma**2)
+        return torch.from_numpy(
+            stats.multivariate_normal(self.b.numpy(), cov.numpy()).logpdf(x.numpy())
+        )
+
+    def vae(self) -> VAE:
+        likelihood = GaussianLikelihood(variance="fixed")
+        model = VAE(
+            (len(self.b),),
+            latent_dim=self.W.shape[1],
+            likelihood=likelihood,
+            encoder=self.encoder,
+            decoder=self.decoder,
+        ).double()
+        likelihood.raw_std = self.sigma  # fixed per-dimension noise of the true model
+        return model
+
+
+def test_importance_weighted_estimate_matches_exact_linear_gaussian_marginal() -> None:
+    torch.manual_seed(0)
+    truth = LinearGaussian()
+    x = torch.distributions.MultivariateNormal(
+        truth.b, truth.W @ truth.W.T + torch.diag(truth.sigma**2)
+    ).sample((200,))
+    estimate = truth.vae().log_likelihood(x, num_samples=1000)
+    exact = truth.exact_log_likelihood(x)
+    assert (estimate - exact).abs().mean() < 0.1  # nats per example, K = 1000
+    assert (estimate - exact).abs().max() < 0.1
+
+
+def test_importance_weighted_estimate_grows_with_k_and_bounds_the_elbo(digits) -> None:
+    torch.manual_seed(0)
+    model = VAE((64,), latent_dim=4)
+    estimates = [
+        model.log_likelihood(digits, num_samples=k).mean().item() for k in (1, 10, 100, 1000)
+    ]
+    assert estimates == sorted(estimates)
+    with torch.no_grad():
+        elbo = model.elbo(digits, num_samples=1000).mean().item()
+    assert estimates[-1] >= elbo
+    assert estimates[0] == pytest.approx(elbo, abs=0.5)  # K = 1 is the ELBO, in expectation
+
+
+def test_both_elbo_estimators_agree_in_expectation(digits) -> None:
+    torch.manual_seed(0)
+    model = VAE((64,), latent_dim=4)
+    x = digits[:8]
+    with torch.no_grad():
+        analytic, _, analytic_kl = model.elbo_terms(x, 20_000, "analytic_kl")
+        monte_carlo, _, monte_carlo_kl = model.elbo_terms(x, 20_000, "monte_carlo")
+        posterior = model.encode(x)
+        z = posterior.sample((20_000,))
+        spread = (posterior.log_prob(z) - model.prior().log_prob(z)).std(0) / math.sqrt(20_000)
+    assert ((analytic_kl - monte_carlo_kl).abs() < 5 * spread).all()
+    # the reconstruction terms are independent Monte-Carlo estimates of the same expectation
+    assert ((analytic - monte_carlo).abs() < 0.05 * analytic.abs()).all()
+
+
+@pytest.mark.parametrize("estimator", ["analytic_kl", "monte_carlo", "importance_weighted"])
+def test_training_improves_the_bound(tmp_path, estimator: str) -> None:
+    pl.seed_everything(0)
+    data = DigitsDataModule(batch_size=64, binarize="dynamic")
+    model = VAE((64,), latent_dim=4, estimator=estimator, num_samples=2)
+    data.setup()
+    x = data.splits["val"]
+    before = model.log_likelihood(x, 50).mean()
+    make_trainer(tmp_path, max_epochs=3).fit(model, data)
+    after = model.log_likelihood(x, 50).mean()
+    assert after > before + 5.0
+
+
+def test_validation_and_test_log_nats_bits_and_importance_weighted_likelihood(tmp_path) -> None:
+    pl.seed_everything(0)
+    data = DigitsDataModule(batch_size=128, binarize="static")
+    model = VAE((64,), latent_dim=4, eval_samples=20)
+    trainer = make_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, data)
+    assert math.isfinite(trainer.callback_metrics["val/log_likelihood"])
+    metrics = trainer.test(model, data, verbose=False)[0]
+    for name in ("elbo", "reconstruction", "kl", "log_likelihood", "elbo_bits_per_dim"):
+        assert math.isfinite(metrics[f"test/{name}"])
+    assert metrics["test/elbo_bits_per_dim"] == pytest.approx(
+        -metrics["test/elbo"] / (64 * math.log(2)), rel=1e-5
+    )
+    assert metrics["test/log_likelihood"] >= metrics["test/elbo"]
+
+
+def test_reloads_from_a_checkpoint_alone(tmp_path) -> None:
+    pl.seed_everything(0)
+    model = VAE((64,), latent_dim=3, likelihood="gaussian", prior="learned_gaussian", beta=0.5)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, DigitsDataModule(batch_size=256))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = VAE.load_from_checkpoint(path)
+    assert isinstance(reloaded.likelihood, GaussianLikelihood)
+    assert reloaded.beta == 0.5
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value)
+    x = torch.rand(4, 64)
+    torch.manual_seed(1)
+    expected = model.elbo(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(reloaded.elbo(x), expected)
+
+
+def test_validation_can_be_turned_off(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, max_epochs=1)
+    trainer.fit(VAE((64,), latent_dim=2), DigitsDataModule(val_fraction=0.0, batch_size=256))
+    assert "train/elbo" in trainer.callback_metrics
+    assert "val/elbo" not in trainer.callback_metrics
+
+
+def test_data_outside_the_likelihood_support_is_refused_before_training(tmp_path) -> None:
+    model = VAE((64,), latent_dim=2, likelihood="bernoulli")
+    with pytest.raises(DataError, match=r"outside the support of the 'bernoulli'.*scale: true"):
+        make_trainer(tmp_path).fit(model, DigitsDataModule(scale=False))
+
+
+def test_sample_and_predict_shapes(tmp_path) -> None:
+    model = VAE((1, 8, 8), latent_dim=3)
+    assert model.sample(5).shape == (5, 1, 8, 8)
+    assert set(model.sample(5).unique().tolist()) <= {0.0, 1.0}
+    assert ((model.sample(5, mean=True) > 0) & (model.sample(5, mean=True) < 1)).all()
+    codes = make_trainer(tmp_path).predict(model, DigitsDataModule(flatten=False, batch_size=100))
+    assert torch.cat(codes).shape == (359, 3)
