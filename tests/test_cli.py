@@ -1,0 +1,149 @@
+"""The ``vaeflow`` command: every shipped config runs, runs leave their artefacts, and bad input
+gets a clear message and a non-zero exit instead of a traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from vaeflow.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+
+def run_cli(*args: str) -> None:
+    main(list(args))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_parses_and_runs_one_step(
+    config: Path, tmp_path, mnist_root, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(config), "--trainer.fast_dev_run", "1"]
+    if "root" in yaml.safe_load(config.read_text())["data"].get("init_args", {}):
+        args += ["--data.init_args.root", str(mnist_root)]
+    run_cli(*args)
+
+
+def test_quickstart_leaves_a_run_folder_with_config_checkpoint_and_metrics(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_cli("fit", "--config", QUICKSTART, "--trainer.max_epochs", "2")
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    assert (
+        yaml.safe_load((run / "config.yaml").read_text())["model"]["class_path"]
+        == "vaeflow.models.VAE"
+    )
+    assert len(list((run / "checkpoints").glob("*.ckpt"))) == 1
+    header, *rows = (run / "metrics.csv").read_text().splitlines()
+    assert {"train/elbo", "val/elbo", "train/kl", "val/log_likelihood"} <= set(header.split(","))
+    assert rows
+    # a second run goes beside the first, which stays untouched
+    first = (run / "metrics.csv").read_bytes()
+    run_cli("fit", "--config", QUICKSTART, "--trainer.max_epochs", "1")
+    assert (tmp_path / "runs" / "quickstart" / "version_1" / "metrics.csv").exists()
+    assert (run / "metrics.csv").read_bytes() == first
+
+
+def test_list_prints_every_likelihood_and_prior_with_a_description(capsys) -> None:
+    run_cli("list")
+    out = capsys.readouterr().out
+    for text in ("bernoulli", "gaussian", "standard_normal", "learned_gaussian", "Standard normal"):
+        assert text in out
+
+
+def test_print_config_shows_the_resolved_config(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", QUICKSTART, "--print_config")
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["likelihood"] == "bernoulli"
+    assert config["trainer"]["max_epochs"] == 30
+
+
+def expect_user_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*args)
+    assert exit_info.value.code != 0
+    return capsys.readouterr().err
+
+
+def array_config(path: Path, likelihood: str = "bernoulli", scale: bool = True) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--data",
+        "vaeflow.data.ArrayDataModule",
+        "--data.path",
+        str(path),
+        "--data.scale",
+        str(scale).lower(),
+        "--data.binarize",
+        "none",
+        "--model.init_args.likelihood",
+        likelihood,
+        "--trainer.fast_dev_run",
+        "1",
+    ]
+
+
+def test_unknown_likelihood_and_prior_names_list_what_exists(capsys) -> None:
+    err = expect_user_error(
+        capsys, "fit", "--config", QUICKSTART, "--model.init_args.likelihood", "bernouli"
+    )
+    assert (
+        "unknown likelihood 'bernouli'. Did you mean 'bernoulli'? Available: bernoulli, gaussian"
+        in err
+    )
+    err = expect_user_error(
+        capsys, "fit", "--config", QUICKSTART, "--model.init_args.prior", "normal"
+    )
+    assert "unknown prior 'normal'" in err and "standard_normal" in err
+
+
+def test_a_config_key_that_does_not_exist_is_named(capsys) -> None:
+    err = expect_user_error(
+        capsys, "fit", "--config", QUICKSTART, "--model.init_args.latent_dimm", "3"
+    )
+    assert "latent_dimm" in err
+
+
+def test_missing_and_misshapen_data_files(capsys, tmp_path) -> None:
+    err = expect_user_error(capsys, *array_config(tmp_path / "nope.npy"))
+    assert str(tmp_path / "nope.npy") in err and "not" in err
+    np.save(tmp_path / "flat.npy", np.zeros(10))
+    err = expect_user_error(capsys, *array_config(tmp_path / "flat.npy"))
+    assert "(N, ...)" in err or "shape" in err
+
+
+def test_data_outside_the_support_and_non_finite_data(capsys, tmp_path) -> None:
+    np.save(tmp_path / "big.npy", np.full((20, 4), 2.0))
+    err = expect_user_error(capsys, *array_config(tmp_path / "big.npy", scale=False))
+    assert "outside the support of the 'bernoulli' likelihood" in err and "scale: true" in err
+    values = np.random.default_rng(0).random((20, 4))
+    values[3, 1] = np.nan
+    np.save(tmp_path / "nan.npy", values)
+    err = expect_user_error(capsys, *array_config(tmp_path / "nan.npy"))
+    assert "NaN" in err
+
+
+def test_the_console_script_exits_non_zero_without_a_traceback(tmp_path) -> None:
+    np.save(tmp_path / "big.npy", np.full((20, 4), 2.0))
+    result = subprocess.run(
+        [sys.executable, "-m", "vaeflow", *array_config(tmp_path / "big.npy", scale=False)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "vaeflow: error: " in result.stderr
