@@ -36,7 +36,7 @@ def test_duplicate_names_are_refused_unless_overridden() -> None:
     class Other(Base):
         pass
 
-    with pytest.raises(ConfigError, match="already registered.*override=True"):
+    with pytest.raises(ConfigError, match=r"already registered.*override=True"):
         registry.add("a", Other)
     registry.add("a", Other, override=True)
     assert registry.get("a") is Other
@@ -49,7 +49,7 @@ def test_unknown_name_lists_what_exists_and_the_closest() -> None:
     assert "Did you mean 'bernoulli'?" in message
     for name in LIKELIHOODS.names():
         assert name in message
-    with pytest.raises(ConfigError, match="unknown prior 'laplace'.*standard_normal"):
+    with pytest.raises(ConfigError, match=r"unknown prior 'laplace'.*standard_normal"):
         PRIORS.get("laplace")
 
 

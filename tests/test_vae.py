@@ -35,7 +35,7 @@ def digits() -> torch.Tensor:
 
 
 class LinearGaussian:
-    """z ~ N(0, I), x | z ~ N(W z + b, diag(sigma^2)): log p(x) is exact, and so is the posterior."""
+    """z ~ N(0, I), x | z ~ N(W z + b, diag(sigma^2)): exact log p(x) and exact posterior."""
 
     def __init__(self, data_dim: int = 5, latent_dim: int = 2, seed: int = 0) -> None:
         generator = torch.Generator().manual_seed(seed)
