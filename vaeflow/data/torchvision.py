@@ -78,9 +78,8 @@ class TorchvisionDataModule(InMemoryDataModule):
             if archive not in missing and not check_integrity(archive.path, archive.md5)
         ]
         if self.download and (missing or corrupted):
-            self._read(
-                train=True
-            )  # torchvision fetches what is missing or corrupted, and checks it
+            # torchvision fetches what is missing or corrupted, and checks it
+            self._read(train=True)
             return
         if missing:
             raise DataError(self._missing_message(missing))
