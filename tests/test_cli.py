@@ -147,3 +147,14 @@ def test_the_console_script_exits_non_zero_without_a_traceback(tmp_path) -> None
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "vaeflow: error: " in result.stderr
+
+
+def test_an_earlier_run_is_never_overwritten(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ("fit", "--config", QUICKSTART, "--trainer.max_epochs", "1", "--trainer.logger", "false")
+    run_cli(*args)
+    config = tmp_path / "runs" / "config.yaml"
+    before = config.read_bytes()
+    err = expect_user_error(capsys, *args, "--model.init_args.latent_dim", "3")
+    assert "exists from an earlier run" in err
+    assert config.read_bytes() == before

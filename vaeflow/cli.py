@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from rich.console import Console
 from rich.table import Table
+from typing_extensions import override
 
-from vaeflow.errors import VaeflowError
+from vaeflow.errors import ConfigError, VaeflowError
 from vaeflow.registry import LIKELIHOODS, PRIORS, load_plugins
 
 #: Where runs go unless ``trainer.default_root_dir`` or a logger says otherwise.
 RUNS_DIR = "runs"
+
+
+class SaveConfig(SaveConfigCallback):
+    """Lightning's config saver, refusing with a clear message to overwrite an earlier run."""
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        try:
+            super().setup(trainer, pl_module, stage)
+        except RuntimeError as error:
+            path = os.path.join(trainer.log_dir or ".", self.config_filename)
+            raise ConfigError(
+                f"{path} exists from an earlier run, which is kept as it is. Choose a new "
+                "trainer.default_root_dir, or keep a logger (the default), which gives every "
+                "run its own version folder"
+            ) from error
 
 
 class VaeflowCLI(LightningCLI):
@@ -31,6 +50,7 @@ class VaeflowCLI(LightningCLI):
         super().__init__(
             args=args,
             trainer_defaults=trainer_defaults,
+            save_config_callback=SaveConfig,
             **kwargs,
         )
 
