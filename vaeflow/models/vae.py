@@ -86,6 +86,9 @@ class VAE(LightningModule):
         self.eval_samples = eval_samples
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        # Running sums of the logged metrics per stage, and the examples they cover.
+        self._epoch_sums: dict[str, dict[str, Tensor]] = {}
+        self._epoch_counts: dict[str, int] = {}
 
     # -- the model --------------------------------------------------------------------------------
 
@@ -192,18 +195,71 @@ class VAE(LightningModule):
         self._log_metrics(stage, metrics, len(x))
 
     def _log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
-        """Epoch means in nats per example, with bits per dimension beside the bounds."""
+        """Add the batch's means, weighted by its size, to the stage's running sums.
+
+        The sums stay on the device and are logged once per epoch by :meth:`_log_epoch`:
+        ``self.log`` per step costs more than the whole step of a small model on the CPU.
+        """
+        sums = self._epoch_sums.setdefault(stage, {})
+        for name, value in metrics.items():
+            value = value.detach()
+            sums[name] = (
+                torch.add(sums[name], value, alpha=batch_size)
+                if name in sums
+                else value * batch_size
+            )
+        self._epoch_counts[stage] = self._epoch_counts.get(stage, 0) + batch_size
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch means in nats per example, with bits per dimension beside the bounds."""
+        sums = self._epoch_sums.pop(stage, {})
+        count = self._epoch_counts.pop(stage, 0)
+        if not sums:
+            return
+        values = list(sums.values())
+        totals = torch.stack([*values, values[0].new_tensor(float(count))])
+        # One reduction of sums and counts over processes gives exact means under DDP too.
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        means = dict(zip(sums, totals[:-1] / totals[-1], strict=True))
         dims = math.prod(self.input_shape) * math.log(2)
         for name in ("elbo", "iw_bound", "log_likelihood"):
-            if name in metrics:
-                metrics[f"{name}_bits_per_dim"] = -metrics[name].detach() / dims
+            if name in means:
+                means[f"{name}_bits_per_dim"] = -means[name] / dims
         self.log_dict(
-            {f"{stage}/{name}": value.detach() for name, value in metrics.items()},
+            {f"{stage}/{name}": value for name, value in means.items()},
             on_step=False,
             on_epoch=True,
-            batch_size=batch_size,
             prog_bar=False,
         )
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._reset_epoch("train")
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._reset_epoch("val")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._reset_epoch("test")
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def _reset_epoch(self, stage: str) -> None:
+        """Drop sums left by an interrupted epoch of the same stage."""
+        self._epoch_sums.pop(stage, None)
+        self._epoch_counts.pop(stage, None)
 
     @override
     def setup(self, stage: str) -> None:
