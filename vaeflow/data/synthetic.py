@@ -61,8 +61,8 @@ class SyntheticFADataModule(InMemoryDataModule):
             )
         self.num_train, self.num_test = num_train, num_test
         self.dim, self.latent_dim = dim, latent_dim
-        self._generator = torch.Generator().manual_seed(data_seed)
-        g, f64 = self._generator, torch.float64
+        self.data_seed = data_seed
+        g, f64 = torch.Generator().manual_seed(data_seed), torch.float64
         self.loadings = torch.randn(dim, latent_dim, generator=g, dtype=f64)
         self.mean = torch.randn(dim, generator=g, dtype=f64)
         if noise == "isotropic":
@@ -79,12 +79,14 @@ class SyntheticFADataModule(InMemoryDataModule):
     def example_shape(self) -> tuple[int, ...]:
         return (self.dim,)
 
-    def draw(self, n: int) -> Tensor:
-        """n fresh examples (float64) from the true model."""
-        g = self._generator
+    def draw(self, n: int, generator: torch.Generator) -> Tensor:
+        """n examples (float64) from the true model."""
+        g = generator
         z = torch.randn(n, self.latent_dim, generator=g, dtype=torch.float64)
         eps = torch.randn(n, self.dim, generator=g, dtype=torch.float64)
         return self.mean + z @ self.loadings.T + eps * self.noise_variance.sqrt()
 
     def load(self) -> tuple[Tensor, Tensor]:
-        return self.draw(self.num_train), self.draw(self.num_test)
+        # A generator made here, not kept: a module holding one cannot go to ddp_spawn workers.
+        generator = torch.Generator().manual_seed(self.data_seed + 1)
+        return self.draw(self.num_train, generator), self.draw(self.num_test, generator)

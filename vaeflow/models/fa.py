@@ -22,6 +22,7 @@ or O(N D M) per pass when streaming, and the exact log-likelihood comes free wit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -30,6 +31,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from scipy.linalg.blas import dsyrk
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from vaeflow.errors import ConfigError, DataError
@@ -140,6 +142,21 @@ def ppca_solution(
     return loadings, sigma2.expand(dim)
 
 
+def leading_eigenpairs(
+    cov: Tensor, k: int, seed: int, iterations: int = 10
+) -> tuple[Tensor, Tensor]:
+    """About the k leading eigenpairs (descending) of a symmetric D x D matrix by randomised
+    subspace iteration with Rayleigh-Ritz: O(D^2 k) per iteration against O(D^3) for a full
+    eigh. It only starts EM (which refines it), and it is exact when k >= D."""
+    k = min(k, cov.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(cov.shape[0], k, generator=generator, dtype=cov.dtype).to(cov.device)
+    for _ in range(iterations):
+        basis = torch.linalg.qr(cov @ basis).Q
+    eigenvalues, vectors = torch.linalg.eigh(basis.T @ cov @ basis)
+    return eigenvalues.flip(0), basis @ vectors.flip(1)
+
+
 def varimax(loadings: Tensor, tol: float = 1e-6, max_iter: int = 100) -> Tensor:
     """Varimax rotation of D x M loadings (Kaiser, 1958; the same iteration as scikit-learn's).
 
@@ -159,6 +176,19 @@ def varimax(loadings: Tensor, tol: float = 1e-6, max_iter: int = 100) -> Tensor:
             break
         criterion = new
     return loadings @ rotation
+
+
+class EMStepCounter(Optimizer):
+    """The optimiser of an EM model: its step changes nothing (the M-step has already updated
+    the parameters) but Lightning counts it, so ``global_step`` counts EM passes and
+    checkpointing, which skips a step it has already saved, works."""
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        super().__init__(params, {})
+
+    @override
+    def step(self, closure: Callable[[], Any] | None = None) -> None:
+        return None
 
 
 class FactorAnalysis(LightningModule):
@@ -283,8 +313,8 @@ class FactorAnalysis(LightningModule):
     # -- Lightning hooks -------------------------------------------------------------------
 
     @override
-    def configure_optimizers(self) -> list:
-        return []  # EM has closed-form updates; no optimiser
+    def configure_optimizers(self) -> Optimizer:
+        return EMStepCounter(self.parameters())
 
     @override
     def configure_callbacks(self) -> list[Callback]:
@@ -293,11 +323,6 @@ class FactorAnalysis(LightningModule):
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         x = batch.reshape(len(batch), -1)
-        if not torch.isfinite(x).all():
-            raise DataError(
-                "FactorAnalysis: the training data contain NaN or infinite values; clean or "
-                "impute them before fitting"
-            )
         if x.shape[1] != self.dim:
             raise DataError(
                 f"FactorAnalysis: examples have {x.shape[1]} values, expected {self.dim}"
@@ -305,14 +330,12 @@ class FactorAnalysis(LightningModule):
         if self._pass > 0 and not self.streaming:
             return  # fitted after the first pass; only a Trainer's min_epochs gets here
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            self._accumulate(x.to(torch.float64))
-
-    @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self._accumulate(x.to(torch.float64, copy=True))
         # The M-step runs at the last batch, not in on_train_epoch_end, because Lightning
         # validates before on_train_epoch_end: validation must see this pass's parameters.
         if self.trainer.is_last_batch:
             self._end_pass()
+            self.optimizers().step()
 
     @override
     def on_train_epoch_end(self) -> None:
@@ -351,7 +374,7 @@ class FactorAnalysis(LightningModule):
     def _accumulate(self, x: Tensor) -> None:
         self._add("n", torch.tensor(float(len(x)), dtype=x.dtype, device=x.device))
         if self._pass > 0:
-            xc = x - self.mean
+            xc = x.sub_(self.mean)
             xv = xc @ (self._basis if self._basis is not None else self._precision_loadings())
             self._add("xxv", xc.T @ xv)
             self._add("vxxv", xv.T @ xv)
@@ -360,7 +383,7 @@ class FactorAnalysis(LightningModule):
         # cancellation in E[xx^T] - mu mu^T when the mean is large against the spread.
         if "shift" not in self._sums:
             self._sums["shift"] = self.trainer.strategy.broadcast(x.mean(0), src=0)
-        xs = x - self._sums["shift"]
+        xs = x.sub_(self._sums["shift"])
         self._add("sum", xs.sum(0))
         if not self.streaming:
             self._add("gram", _gram(xs))
@@ -381,25 +404,35 @@ class FactorAnalysis(LightningModule):
     def _precision_loadings(self) -> Tensor:
         return self.loadings / self.noise_variance[:, None]
 
-    def _reduced(self, name: str) -> Tensor:
-        return self.trainer.strategy.reduce(self._sums[name], reduce_op="sum")
-
     # -- the M-step, once per pass -----------------------------------------------------------
 
     @torch.no_grad()
     def _end_pass(self) -> None:
         if "n" not in self._sums:
             return
+        # Sum over processes, once per pass: the strategy's all-reduce works in place.
+        reduce = self.trainer.strategy.reduce
+        self._sums = {
+            k: v if k == "shift" else reduce(v, reduce_op="sum") for k, v in self._sums.items()
+        }
         with torch.autocast(self.mean.device.type, enabled=False):
-            n = self._reduced("n")
+            n = self._sums["n"]
             if n.item() == 0:
                 raise DataError("FactorAnalysis: the training data set is empty")
+            # NaN and infinities propagate into the sums: one check per pass, not per batch.
+            if not all(
+                torch.isfinite(self._sums[k]).all() for k in ("sum", "xxv") if k in self._sums
+            ):
+                raise DataError(
+                    "FactorAnalysis: the training data contain NaN or infinite values (or values "
+                    "too large for float64 sums); clean or impute them before fitting"
+                )
             if self._pass == 0:
                 self._first_pass_done(n)
             elif self._basis is not None:
                 self._sketch_pass_done(n)
             else:
-                moments = Moments(self._reduced("xxv") / n, self._reduced("vxxv") / n, self._var)
+                moments = Moments(self._sums["xxv"] / n, self._sums["vxxv"] / n, self._var)
                 self._streaming_em_step(moments)
             if self.hparams.rotation == "varimax":
                 self.loadings.copy_(varimax(self.loadings))
@@ -407,18 +440,18 @@ class FactorAnalysis(LightningModule):
         self._sums = {}
 
     def _first_pass_done(self, n: Tensor) -> None:
-        centre = self._reduced("sum") / n
+        centre = self._sums["sum"] / n
         self.mean.copy_(self._sums["shift"] + centre)
         if not self.streaming:
-            cov = _symmetrise(self._reduced("gram")) / n - torch.outer(centre, centre)
+            cov = _symmetrise(self._sums["gram"]) / n - torch.outer(centre, centre)
             self._fit_moments(cov)
             self.trainer.should_stop = True
             return
-        self._var = (self._reduced("sq") / n - centre**2).clamp_min(0)
+        self._var = (self._sums["sq"] / n - centre**2).clamp_min(0)
         self._floor = self.hparams.noise_floor * self._var.mean().item()
         if self.hparams.init == "ppca":
             omega = self._probe(centre)
-            sketch = self._reduced("sketch") / n - torch.outer(centre, centre @ omega)
+            sketch = self._sums["sketch"] / n - torch.outer(centre, centre @ omega)
             self._basis = torch.linalg.qr(sketch).Q
         else:
             self._init_random(self._var)
@@ -426,7 +459,7 @@ class FactorAnalysis(LightningModule):
     def _sketch_pass_done(self, n: Tensor) -> None:
         """Rayleigh-Ritz on the sketched range Q: eigenpairs of Q^T S Q give the PPCA start."""
         basis, self._basis = self._basis, None
-        eigenvalues, vectors = torch.linalg.eigh(basis.T @ self._reduced("xxv") / n)
+        eigenvalues, vectors = torch.linalg.eigh(basis.T @ self._sums["xxv"] / n)
         loadings, noise = ppca_solution(
             eigenvalues.flip(0), basis @ vectors.flip(1), self.latent_dim, self._var.sum(), self.dim
         )
@@ -478,11 +511,8 @@ class FactorAnalysis(LightningModule):
         var = cov.diagonal()
         self._floor = self.hparams.noise_floor * var.mean().item()
         if self.hparams.init == "ppca":
-            eigenvalues, vectors = torch.linalg.eigh(cov)
-            start = ppca_solution(
-                eigenvalues.flip(0), vectors.flip(1), self.latent_dim, var.sum(), self.dim
-            )
-            self._set(*start)
+            eigenvalues, vectors = leading_eigenpairs(cov, 2 * self.latent_dim, self.hparams.seed)
+            self._set(*ppca_solution(eigenvalues, vectors, self.latent_dim, var.sum(), self.dim))
         else:
             self._init_random(var)
         w, psi = self.loadings.detach().clone(), self.noise_variance.detach().clone()

@@ -1,0 +1,329 @@
+"""FactorAnalysis / PPCA by EM: exact likelihood, EM guarantees, recovery of a known model, parity
+with scikit-learn and the closed-form PPCA solution, DDP, checkpoints and the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from scipy.stats import multivariate_normal
+from sklearn.decomposition import FactorAnalysis as SklearnFA
+from sklearn.decomposition._factor_analysis import _ortho_rotation
+from torch.utils.data import DataLoader
+
+from vaeflow.cli import main
+from vaeflow.data import SyntheticFADataModule
+from vaeflow.errors import ConfigError, DataError
+from vaeflow.models import FactorAnalysis
+from vaeflow.models.fa import (
+    Moments,
+    _cholesky_of_precision,
+    elbo_from_moments,
+    log_likelihood_from_moments,
+    m_step,
+    varimax,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These matrices are tiny: a second OpenMP thread only adds synchronisation, which costs
+    seconds per fit when other processes keep the cores busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trainer(**kwargs) -> Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return Trainer(**defaults | kwargs)
+
+
+def fitted(data: SyntheticFADataModule, **kwargs) -> FactorAnalysis:
+    model = FactorAnalysis(data.dims, latent_dim=data.latent_dim, **kwargs)
+    trainer().fit(model, datamodule=data)
+    return model
+
+
+def random_model(dim: int = 6, latent: int = 2, seed: int = 0) -> FactorAnalysis:
+    g = torch.Generator().manual_seed(seed)
+    model = FactorAnalysis((dim,), latent_dim=latent)
+    with torch.no_grad():
+        model.loadings.copy_(torch.randn(dim, latent, generator=g, dtype=F64))
+        model.noise_variance.copy_(0.2 + torch.rand(dim, generator=g, dtype=F64))
+        model.mean.copy_(torch.randn(dim, generator=g, dtype=F64))
+    return model
+
+
+def covariance(model: FactorAnalysis) -> torch.Tensor:
+    return model.loadings @ model.loadings.T + torch.diag(model.noise_variance)
+
+
+def train_data(data: SyntheticFADataModule) -> torch.Tensor:
+    return data.splits["train"].to(F64)
+
+
+def moments_of(x: torch.Tensor, model: FactorAnalysis) -> Moments:
+    xc = x - model.mean
+    v = model.loadings / model.noise_variance[:, None]
+    cov = xc.T @ xc / len(x)
+    return Moments(cov @ v, v.T @ cov @ v, cov.diagonal())
+
+
+# -- inference under given parameters, against scipy and dense formulas (float64) --------------
+
+
+def test_log_likelihood_is_exact_against_scipy() -> None:
+    model = random_model()
+    x = torch.randn(50, 6, dtype=F64) * 2
+    expected = multivariate_normal(model.mean.detach().numpy(), covariance(model).detach()).logpdf(
+        x.numpy()
+    )
+    np.testing.assert_allclose(model.log_likelihood(x).numpy(), expected, rtol=1e-12, atol=1e-10)
+
+
+def test_posterior_matches_the_dense_closed_form() -> None:
+    model = random_model()
+    x = torch.randn(20, 6, dtype=F64)
+    mean, cov = model.posterior(x)
+    with torch.no_grad():
+        w, c_inv = model.loadings, torch.linalg.inv(covariance(model))
+        torch.testing.assert_close(mean, (x - model.mean) @ c_inv @ w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(cov, torch.eye(2, dtype=F64) - w.T @ c_inv @ w)
+
+
+def test_samples_have_the_model_shape_and_covariance() -> None:
+    model = random_model()
+    torch.manual_seed(0)
+    x = model.sample(100_000)
+    assert x.shape == (100_000, 6)
+    # 1e5 draws: sampling error of a covariance entry ~ 1/sqrt(1e5) relative, so 3% is loose
+    error = torch.linalg.norm(x.T.cov() - covariance(model)) / torch.linalg.norm(covariance(model))
+    assert error < 0.03
+
+
+def test_after_an_e_step_the_elbo_equals_the_log_likelihood_and_the_m_step_raises_it() -> None:
+    model, x = random_model(seed=1), torch.randn(400, 6, dtype=F64) * 1.5
+    with torch.no_grad():
+        w, psi = model.loadings.clone(), model.noise_variance.clone()
+        model.mean.copy_(x.mean(0))  # the ML mean, as EM uses
+        stats = moments_of(x, model)
+        _, chol = _cholesky_of_precision(w, psi)
+        ll = log_likelihood_from_moments(w, psi, chol, stats)
+        assert ll.item() == pytest.approx(model.log_likelihood(x).mean().item(), abs=1e-10)
+        assert elbo_from_moments(w, psi, chol, stats).item() == pytest.approx(ll.item(), abs=1e-10)
+        w_new, psi_new = m_step(stats, chol, 1e-9, isotropic=False)
+        elbo_new = elbo_from_moments(w_new, psi_new, chol, stats)  # old q, new parameters
+        model.loadings.copy_(w_new)
+        model.noise_variance.copy_(psi_new)
+        assert elbo_new > ll  # the M-step raises the bound ...
+        assert model.log_likelihood(x).mean() >= elbo_new - 1e-12  # ... which stays below LL
+
+
+# -- EM guarantees ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streaming_em_never_lowers_the_log_likelihood(seed: int, noise: str) -> None:
+    data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2, noise=noise, data_seed=seed)
+    model = FactorAnalysis(
+        data.dims,
+        latent_dim=2,
+        noise=noise,
+        method="streaming",
+        init="random",
+        seed=seed,
+        max_iter=12,
+        tol=0.0,
+    )
+    trainer().fit(model, datamodule=data)
+    ll = np.array([row["train/log_likelihood"] for row in model.history])
+    elbo = np.array([row["train/elbo"] for row in model.history])
+    assert len(ll) == 13  # one E-step per epoch: max_iter M-steps, then the last E-step
+    assert (np.diff(ll) >= -1e-10).all()
+    np.testing.assert_allclose(elbo, ll, rtol=0, atol=1e-9)  # ELBO = LL right after an E-step
+    assert model.log_likelihood(train_data(data)).mean().item() == pytest.approx(ll[-1], abs=1e-6)
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_accelerated_em_on_the_moments_never_lowers_the_log_likelihood(
+    seed: int, noise: str
+) -> None:
+    data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2, noise=noise, data_seed=seed)
+    model = fitted(data, noise=noise, method="moments", init="random", seed=seed, tol=1e-10)
+    ll = np.array([row["train/log_likelihood"] for row in model.history])
+    elbo = np.array([row["train/elbo"] for row in model.history])
+    assert len(ll) > 5
+    assert (np.diff(ll) >= -1e-10).all()
+    np.testing.assert_allclose(elbo, ll, rtol=0, atol=1e-9)
+    assert model.log_likelihood(train_data(data)).mean().item() == pytest.approx(ll[-1], abs=1e-8)
+
+
+def test_streaming_and_moments_reach_the_same_fit() -> None:
+    data = SyntheticFADataModule(num_train=2000, dim=10, latent_dim=3)
+    ll = {
+        method: fitted(data, method=method, tol=1e-8).log_likelihood(train_data(data)).mean()
+        for method in ("moments", "streaming")
+    }
+    assert ll["moments"].item() == pytest.approx(ll["streaming"].item(), abs=1e-5)
+
+
+# -- recovery and parity ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_recovers_the_true_covariance_and_beats_the_true_parameters(noise: str) -> None:
+    data = SyntheticFADataModule(num_train=20_000, dim=12, latent_dim=3, noise=noise)
+    model = fitted(data, noise=noise)
+    truth = data.covariance
+    error = torch.linalg.norm(covariance(model) - truth) / torch.linalg.norm(truth)
+    assert error < 0.03  # sampling error with 18,000 examples is about 1%
+    true_model = FactorAnalysis(data.dims, latent_dim=3)
+    with torch.no_grad():
+        true_model.loadings.copy_(data.loadings)
+        true_model.noise_variance.copy_(data.noise_variance)
+        true_model.mean.copy_(data.mean)
+    x = train_data(data)
+    assert model.log_likelihood(x).mean() >= true_model.log_likelihood(x).mean()
+
+
+def test_isotropic_em_converges_to_the_closed_form_ppca_solution() -> None:
+    data = SyntheticFADataModule(num_train=3000, dim=10, latent_dim=3, noise="isotropic")
+    model = fitted(data, noise="isotropic", init="random", tol=0.0, max_iter=20_000)
+    x = train_data(data)
+    eigenvalues, vectors = torch.linalg.eigh(torch.cov(x.T, correction=0))
+    sigma2 = eigenvalues[:-3].mean()
+    assert model.noise_variance[0].item() == pytest.approx(sigma2.item(), rel=1e-7)
+    # same subspace: every principal angle between span(W) and the top-3 eigenvectors ~ 0
+    basis = torch.linalg.qr(model.loadings.detach()).Q
+    cosines = torch.linalg.svdvals(basis.T @ vectors[:, -3:])
+    assert cosines.min().item() > 1 - 1e-9
+    closed = vectors[:, -3:] @ torch.diag(eigenvalues[-3:] - sigma2) @ vectors[:, -3:].T
+    # W W^T is flat in the likelihood near the optimum, so EM pins it less tightly than sigma^2
+    torch.testing.assert_close(model.loadings @ model.loadings.T, closed, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_log_likelihood_at_least_scikit_learns(seed: int) -> None:
+    data = SyntheticFADataModule(num_train=4000, dim=15, latent_dim=4, data_seed=seed)
+    model = fitted(data)
+    x = train_data(data)
+    reference = SklearnFA(4, random_state=0).fit(x.numpy())
+    assert model.log_likelihood(x).mean().item() >= reference.score(x.numpy()) - 1e-3
+
+
+def test_varimax_matches_scikit_learn_and_keeps_the_likelihood() -> None:
+    data = SyntheticFADataModule(num_train=2000, dim=10, latent_dim=3)
+    plain, rotated = fitted(data), fitted(data, rotation="varimax")
+    w = plain.loadings.detach()
+    expected = _ortho_rotation(w.numpy(), method="varimax").T
+    np.testing.assert_allclose(varimax(w).numpy(), expected, rtol=1e-6, atol=1e-9)
+    x = train_data(data)
+    torch.testing.assert_close(rotated.log_likelihood(x), plain.log_likelihood(x))
+
+
+# -- robustness and errors ----------------------------------------------------------------------
+
+
+def test_constant_features_get_the_documented_noise_floor() -> None:
+    data = SyntheticFADataModule(num_train=2000, dim=10, latent_dim=2)
+    data.setup()
+    data.splits = {name: split.clone() for name, split in data.splits.items()}
+    for split in data.splits.values():
+        split[:, :3] = 0.5  # three constant features, like MNIST's border pixels
+    for method in ("moments", "streaming"):
+        model = fitted(data, method=method, noise_floor=1e-6)
+        x = train_data(data)
+        floor = 1e-6 * x.var(0, correction=0).mean().item()
+        np.testing.assert_allclose(model.noise_variance[:3].detach(), floor, rtol=1e-6)
+        assert torch.isfinite(model.log_likelihood(x)).all()
+        ll = np.array([row["train/log_likelihood"] for row in model.history])
+        assert np.isfinite(ll).all() and (np.diff(ll) >= -1e-9).all()
+
+
+def test_latent_dim_not_below_the_data_dimension_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="latent_dim must be between 1 and D - 1 = 4"):
+        FactorAnalysis((5,), latent_dim=5)
+
+
+def test_nan_in_the_data_is_a_data_error() -> None:
+    x = torch.randn(100, 5)
+    x[17, 2] = float("nan")
+    for method in ("moments", "streaming"):
+        model = FactorAnalysis((5,), latent_dim=2, method=method)
+        with pytest.raises(DataError, match="NaN or infinite"):
+            trainer().fit(model, train_dataloaders=DataLoader(x, batch_size=30))
+
+
+def test_an_empty_data_set_is_a_data_error() -> None:
+    model = FactorAnalysis((5,), latent_dim=2)
+    with pytest.raises(DataError, match="empty"):
+        trainer().fit(model, train_dataloaders=DataLoader(torch.empty(0, 5), batch_size=10))
+    with pytest.raises(DataError, match="at least one example"):
+        SyntheticFADataModule(num_train=0).setup()
+
+
+# -- checkpoints, DDP and the command line -------------------------------------------------------
+
+
+def test_reloads_from_a_checkpoint_alone(tmp_path: Path) -> None:
+    data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2)
+    model = FactorAnalysis(data.dims, latent_dim=2, noise="isotropic")
+    fit = trainer(default_root_dir=tmp_path)
+    fit.fit(model, datamodule=data)
+    fit.save_checkpoint(tmp_path / "fa.ckpt")
+    reloaded = FactorAnalysis.load_from_checkpoint(tmp_path / "fa.ckpt")
+    assert reloaded.hparams.noise == "isotropic"
+    x = train_data(data)
+    torch.testing.assert_close(reloaded.log_likelihood(x), model.log_likelihood(x))
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("method", ["moments", "streaming"])
+def test_two_processes_fit_what_one_process_fits(method: str) -> None:
+    # 1800 training examples shard evenly over 2 ranks, so no example is padded in twice
+    data = SyntheticFADataModule(num_train=2000, dim=8, latent_dim=2, batch_size=300)
+    kwargs = dict(method=method, max_iter=8, tol=0.0)
+    single = fitted(data, **kwargs)
+    double = FactorAnalysis(data.dims, latent_dim=2, **kwargs)
+    trainer(strategy="ddp_spawn", devices=2).fit(double, datamodule=data)
+    torch.testing.assert_close(covariance(double), covariance(single), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(double.mean, single.mean, rtol=1e-12, atol=1e-12)
+
+
+def test_cli_fits_and_predict_writes_the_latent_codes(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs" / "fa_synthetic.yaml")
+    main(["fit", "--config", config, "--trainer.enable_progress_bar", "false"])
+    run = tmp_path / "runs" / "vaeflow" / "version_0"
+    header, *rows = (run / "metrics.csv").read_text().splitlines()
+    assert {"train/log_likelihood", "train/elbo", "val/log_likelihood"} <= set(header.split(","))
+    assert len(rows) > 2  # one row per EM iteration
+    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    main(["predict", "--config", config, "--ckpt_path", str(checkpoint)])
+    (written,) = (tmp_path / "runs").rglob("latents.pt")
+    record = torch.load(written)
+    assert record["latents"].shape == (1000, 3)  # the test split's posterior means
+    assert record["covariance"].shape == (3, 3)
+    model = FactorAnalysis.load_from_checkpoint(checkpoint)
+    test = SyntheticFADataModule(num_train=5000, num_test=1000, dim=20, latent_dim=3)
+    test.setup()
+    torch.testing.assert_close(record["latents"], model.posterior(test.splits["test"])[0])
