@@ -12,6 +12,7 @@ from lightning.pytorch import Trainer
 from scipy.stats import multivariate_normal
 from sklearn.decomposition import FactorAnalysis as SklearnFA
 from sklearn.decomposition._factor_analysis import _ortho_rotation
+from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader
 
 from vaeflow.cli import main
@@ -33,11 +34,12 @@ F64 = torch.float64
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """These matrices are tiny: a second OpenMP thread only adds synchronisation, which costs
-    seconds per fit when other processes keep the cores busy."""
+    """These matrices are tiny: a second BLAS or OpenMP thread only adds synchronisation, which
+    costs seconds per fit when other processes keep the cores busy."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(limits=1):  # OpenBLAS, behind SciPy and scikit-learn
+        yield
     torch.set_num_threads(threads)
 
 
