@@ -15,6 +15,7 @@ Epoch 0 is warm-up. The ratio compares median chunk times (robust to bursts of l
 processes on a shared machine); the summed epoch times are printed beside it.
 
     python benchmarks/vae_mnist.py --data-root /tmp/vaeflow_data --epochs 3
+    python benchmarks/vae_mnist.py --data-root /tmp/vaeflow_data -- --trainer.max_time=00:00:10:00
 """
 
 from __future__ import annotations
@@ -158,6 +159,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=20, help="steps of each between switches")
     parser.add_argument("--data-root", default="data", help="folder holding MNIST/raw/*.gz")
     parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="more vaeflow CLI arguments after --, e.g. -- --trainer.limit_train_batches=200",
+    )
     args = parser.parse_args()
 
     cli = VaeflowCLI(
@@ -172,6 +178,7 @@ def main() -> None:
             "runs/benchmark",
             "--trainer.logger.init_args.save_dir",
             "runs/benchmark",
+            *args.overrides,
         ],
         run=False,
     )
