@@ -17,6 +17,7 @@ import time
 import torch
 from lightning.pytorch import Trainer
 from sklearn.decomposition import FactorAnalysis as SklearnFA
+from threadpoolctl import threadpool_limits
 
 from vaeflow.data import MNISTDataModule
 from vaeflow.models import FactorAnalysis
@@ -45,7 +46,13 @@ def main() -> None:
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--latent-dim", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and BLAS threads for both (default: all)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)  # OpenBLAS behind numpy, SciPy and scikit-learn
 
     data = MNISTDataModule(
         root=args.root,

@@ -22,7 +22,8 @@ or O(N D M) per pass when streaming, and the exact log-likelihood comes free wit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -37,6 +38,9 @@ from typing_extensions import override
 from vaeflow.errors import ConfigError, DataError
 
 LOG_2PI = math.log(2 * math.pi)
+
+#: Flops per EM iteration under which EM on the covariance runs on one thread.
+SMALL_WORK = 1e8
 
 #: File that ``vaeflow predict`` writes into the run folder (see :class:`LatentCodeWriter`).
 LATENTS_FILE = "latents.pt"
@@ -65,6 +69,20 @@ def _gram(x: Tensor) -> Tensor:
     return (x.T @ x).triu()
 
 
+@contextmanager
+def _single_thread_if(small: bool) -> Iterator[None]:
+    """One intra-op thread for small matrix work. An EM iteration on MNIST's covariance is a few
+    milliseconds of tiny operations; with two OpenMP threads each waits at a barrier for the
+    other, which costs ~10x when other processes share the cores."""
+    threads = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _symmetrise(upper: Tensor) -> Tensor:
     return upper.triu() + upper.triu(1).T
 
@@ -76,10 +94,6 @@ def _cholesky_of_precision(loadings: Tensor, noise_variance: Tensor) -> tuple[Te
     return v, torch.linalg.cholesky(eye + loadings.T @ v)
 
 
-def _inverse_from_cholesky(chol: Tensor) -> Tensor:
-    return torch.cholesky_inverse(chol)
-
-
 def log_likelihood_from_moments(
     loadings: Tensor, noise_variance: Tensor, chol: Tensor, moments: Moments
 ) -> Tensor:
@@ -87,7 +101,7 @@ def log_likelihood_from_moments(
     dim = noise_variance.numel()
     log_det = noise_variance.log().sum() + 2 * chol.diagonal().log().sum()
     trace = (moments.var / noise_variance).sum() - (
-        _inverse_from_cholesky(chol) * moments.vsv
+        torch.cholesky_inverse(chol) * moments.vsv
     ).sum()
     return -0.5 * (dim * LOG_2PI + log_det + trace)
 
@@ -102,7 +116,7 @@ def elbo_from_moments(
     that ELBO = log-likelihood right after an E-step is a real check.
     """
     dim, latent = loadings.shape
-    cov = _inverse_from_cholesky(posterior_chol)  # G of q
+    cov = torch.cholesky_inverse(posterior_chol)  # G of q
     s_beta = moments.sv @ cov  # S beta^T, beta = G V^T: mean of x E[z]^T
     second = cov + cov @ moments.vsv @ cov  # mean of E[z z^T]
     w_scaled = loadings / noise_variance[:, None]
@@ -121,7 +135,7 @@ def elbo_from_moments(
 def m_step(moments: Moments, chol: Tensor, floor: float, isotropic: bool) -> tuple[Tensor, Tensor]:
     """Closed-form M-step from the E-step statistics: W = (S beta^T) E[zz^T]^-1 and
     Psi = max(diag(S - W beta S), floor), the exact maximiser under the floor constraint."""
-    cov = _inverse_from_cholesky(chol)
+    cov = torch.cholesky_inverse(chol)
     s_beta = moments.sv @ cov
     second = cov + cov @ moments.vsv @ cov
     loadings = torch.linalg.solve(second, s_beta.T).T
@@ -214,9 +228,9 @@ class FactorAnalysis(LightningModule):
             ``streaming`` takes one EM iteration per pass and never forms a D x D matrix;
             ``auto`` picks ``moments`` when D <= ``moments_max_dim``.
         moments_max_dim: largest D for which ``auto`` picks ``moments``.
-        init: ``ppca`` starts from the closed-form PPCA solution (eigendecomposition of the
-            covariance; a randomised two-pass version when streaming), ``random`` from random
-            loadings drawn with ``seed``.
+        init: ``ppca`` starts from the closed-form PPCA solution, from the leading eigenpairs
+            of the covariance (randomised subspace iteration on S, or a randomised sketch and
+            one more pass when streaming); ``random`` from random loadings drawn with ``seed``.
         max_iter: most EM iterations.
         tol: stop when an iteration raises the log-likelihood by less than this many nats per
             example.
@@ -299,7 +313,7 @@ class FactorAnalysis(LightningModule):
         """Posterior p(z|x): means (N x M), G W^T Psi^-1 (x - mu), and the covariance G (M x M),
         the same for every example."""
         v, chol = _cholesky_of_precision(self.loadings, self.noise_variance)
-        cov = _inverse_from_cholesky(chol)
+        cov = torch.cholesky_inverse(chol)
         return self._centred(x) @ v @ cov, cov
 
     @torch.no_grad()
@@ -330,7 +344,7 @@ class FactorAnalysis(LightningModule):
         if self._pass > 0 and not self.streaming:
             return  # fitted after the first pass; only a Trainer's min_epochs gets here
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            self._accumulate(x.to(torch.float64, copy=True))
+            self._accumulate(x)
         # The M-step runs at the last batch, not in on_train_epoch_end, because Lightning
         # validates before on_train_epoch_end: validation must see this pass's parameters.
         if self.trainer.is_last_batch:
@@ -372,9 +386,10 @@ class FactorAnalysis(LightningModule):
         self._sums[name] = self._sums[name] + value if name in self._sums else value
 
     def _accumulate(self, x: Tensor) -> None:
-        self._add("n", torch.tensor(float(len(x)), dtype=x.dtype, device=x.device))
+        """Add one batch's E-step sums, all in float64."""
+        self._add("n", torch.tensor(float(len(x)), dtype=torch.float64, device=x.device))
         if self._pass > 0:
-            xc = x.sub_(self.mean)
+            xc = x.to(torch.float64, copy=True).sub_(self.mean)
             xv = xc @ (self._basis if self._basis is not None else self._precision_loadings())
             self._add("xxv", xc.T @ xv)
             self._add("vxxv", xv.T @ xv)
@@ -382,15 +397,16 @@ class FactorAnalysis(LightningModule):
         # First pass: raw moments about a shift (rank 0's first batch mean), which avoids the
         # cancellation in E[xx^T] - mu mu^T when the mean is large against the spread.
         if "shift" not in self._sums:
-            self._sums["shift"] = self.trainer.strategy.broadcast(x.mean(0), src=0)
-        xs = x.sub_(self._sums["shift"])
+            shift = x.mean(0, dtype=torch.float64)
+            self._sums["shift"] = self.trainer.strategy.broadcast(shift, src=0)
+        xs = x.to(torch.float64, copy=True).sub_(self._sums["shift"])
         self._add("sum", xs.sum(0))
         if not self.streaming:
             self._add("gram", _gram(xs))
             return
         self._add("sq", (xs**2).sum(0))
         if self.hparams.init == "ppca":
-            self._add("sketch", xs.T @ (xs @ self._probe(x)))
+            self._add("sketch", xs.T @ (xs @ self._probe(xs)))
 
     def _probe(self, like: Tensor) -> Tensor:
         """Random D x K test matrix of the streaming PPCA sketch (the same on every rank)."""
@@ -505,9 +521,7 @@ class FactorAnalysis(LightningModule):
         return moments, chol, log_likelihood_from_moments(loadings, noise, chol, moments)
 
     def _fit_moments(self, cov: Tensor) -> None:
-        """EM on the covariance until the log-likelihood stalls, over-relaxed with a safeguard:
-        an extrapolated step (W along the EM step, Psi geometrically) is kept only if the
-        log-likelihood does not drop; otherwise the plain EM step, which never lowers it."""
+        """Start (closed-form PPCA or random), then EM on the covariance S."""
         var = cov.diagonal()
         self._floor = self.hparams.noise_floor * var.mean().item()
         if self.hparams.init == "ppca":
@@ -516,6 +530,13 @@ class FactorAnalysis(LightningModule):
         else:
             self._init_random(var)
         w, psi = self.loadings.detach().clone(), self.noise_variance.detach().clone()
+        with _single_thread_if(2 * self.dim**2 * self.latent_dim < SMALL_WORK):
+            self._em_on_covariance(cov, w, psi)
+
+    def _em_on_covariance(self, cov: Tensor, w: Tensor, psi: Tensor) -> None:
+        """EM until the log-likelihood stalls, over-relaxed with a safeguard: an extrapolated
+        step (W along the EM step, Psi geometrically) is kept only if the log-likelihood does
+        not drop, else the plain EM step, which never lowers it, is taken."""
         moments, chol, ll = self._evaluate(cov, w, psi)
         self._record(ll, elbo_from_moments(w, psi, chol, moments))
         step, growth = 1.0, 1.5
@@ -541,7 +562,6 @@ class FactorAnalysis(LightningModule):
             if gain < self.hparams.tol:
                 break
         self._set(w, psi)
-        self._last_ll = ll.item()
 
 
 class LatentCodeWriter(BasePredictionWriter):
@@ -566,9 +586,10 @@ class LatentCodeWriter(BasePredictionWriter):
     ) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
+        _, chol = _cholesky_of_precision(pl_module.loadings, pl_module.noise_variance)
         record = {
             "latents": torch.cat(predictions),
-            "covariance": pl_module.posterior(pl_module.mean[None])[1],
+            "covariance": torch.cholesky_inverse(chol).detach(),
         }
         name = LATENTS_FILE
         if trainer.world_size > 1:
