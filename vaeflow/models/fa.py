@@ -436,9 +436,7 @@ class FactorAnalysis(LightningModule):
             if n.item() == 0:
                 raise DataError("FactorAnalysis: the training data set is empty")
             # NaN and infinities propagate into the sums: one check per pass, not per batch.
-            if not all(
-                torch.isfinite(self._sums[k]).all() for k in ("sum", "xxv") if k in self._sums
-            ):
+            if not all(torch.isfinite(total).all() for total in self._sums.values()):
                 raise DataError(
                     "FactorAnalysis: the training data contain NaN or infinite values (or values "
                     "too large for float64 sums); clean or impute them before fitting"
