@@ -220,7 +220,7 @@ def test_isotropic_em_converges_to_the_closed_form_ppca_solution() -> None:
     assert cosines.min().item() > 1 - 1e-9
     closed = vectors[:, -3:] @ torch.diag(eigenvalues[-3:] - sigma2) @ vectors[:, -3:].T
     # W W^T is flat in the likelihood near the optimum, so EM pins it less tightly than sigma^2
-    torch.testing.assert_close(model.loadings @ model.loadings.T, closed, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(model.loadings @ model.loadings.T, closed, rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

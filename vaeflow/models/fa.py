@@ -474,10 +474,13 @@ class FactorAnalysis(LightningModule):
         """Rayleigh-Ritz on the sketched range Q: eigenpairs of Q^T S Q give the PPCA start."""
         basis, self._basis = self._basis, None
         eigenvalues, vectors = torch.linalg.eigh(basis.T @ self._sums["xxv"] / n)
-        loadings, noise = ppca_solution(
-            eigenvalues.flip(0), basis @ vectors.flip(1), self.latent_dim, self._var.sum(), self.dim
-        )
-        self._set(loadings, noise)
+        self._start_from_ppca(eigenvalues.flip(0), basis @ vectors.flip(1), self._var)
+
+    def _start_from_ppca(self, eigenvalues: Tensor, vectors: Tensor, var: Tensor) -> None:
+        """PPCA's closed form; factor analysis starts from its residual variances
+        diag(S - W W^T) (floored) rather than one sigma^2 for every feature."""
+        loadings, sigma2 = ppca_solution(eigenvalues, vectors, self.latent_dim, var.sum(), self.dim)
+        self._set(loadings, sigma2 if self.isotropic else var - (loadings**2).sum(1))
 
     def _init_random(self, var: Tensor) -> None:
         generator = torch.Generator().manual_seed(self.hparams.seed)
@@ -522,13 +525,14 @@ class FactorAnalysis(LightningModule):
         """Start (closed-form PPCA or random), then EM on the covariance S."""
         var = cov.diagonal()
         self._floor = self.hparams.noise_floor * var.mean().item()
-        if self.hparams.init == "ppca":
-            eigenvalues, vectors = leading_eigenpairs(cov, 2 * self.latent_dim, self.hparams.seed)
-            self._set(*ppca_solution(eigenvalues, vectors, self.latent_dim, var.sum(), self.dim))
-        else:
-            self._init_random(var)
-        w, psi = self.loadings.detach().clone(), self.noise_variance.detach().clone()
         with _single_thread_if(2 * self.dim**2 * self.latent_dim < SMALL_WORK):
+            if self.hparams.init == "ppca":
+                self._start_from_ppca(
+                    *leading_eigenpairs(cov, 2 * self.latent_dim, self.hparams.seed), var
+                )
+            else:
+                self._init_random(var)
+            w, psi = self.loadings.detach().clone(), self.noise_variance.detach().clone()
             self._em_on_covariance(cov, w, psi)
 
     def _em_on_covariance(self, cov: Tensor, w: Tensor, psi: Tensor) -> None:
