@@ -23,16 +23,21 @@ from vaeflow.data import (
     InMemoryDataModule,
     MNISTDataModule,
 )
-from vaeflow.data.base import TensorBatches
+from vaeflow.data.base import TensorLoader
 from vaeflow.data.torchvision import TorchvisionDataModule
 from vaeflow.errors import DataError
 
 TORCHVISION_MODULES = [MNISTDataModule, FashionMNISTDataModule, CIFAR10DataModule]
 
 
-def epoch(loader: torch.utils.data.DataLoader) -> Tensor:
+def epoch(loader: TensorLoader) -> Tensor:
     """All batches of one pass, concatenated."""
     return torch.cat(list(loader))
+
+
+def whole(loader: TensorLoader) -> Tensor:
+    """Every example of the loader in its stored order, with its per-batch noise applied."""
+    return loader.data if loader.transform is None else loader.transform(loader.data)
 
 
 # -- torchvision data sets ---------------------------------------------------------------------
@@ -215,24 +220,31 @@ def test_flatten_on_and_off(digits: DigitsDataModule) -> None:
     assert next(iter(images.val_dataloader())).shape == (10, 1, 8, 8)
 
 
-def test_batches_are_one_index_slice(
-    digits: DigitsDataModule, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[int] = []
-    slice_batch = TensorBatches.__getitems__
+def test_batches_are_slices_of_one_permutation_per_epoch(digits: DigitsDataModule) -> None:
+    loader = digits.train_dataloader()
+    data = digits.splits["train"]
+    for epoch_index in range(2):  # a new permutation every epoch, drawn with seed + epoch
+        generator = torch.Generator().manual_seed(digits.seed + epoch_index)
+        order = torch.randperm(len(data), generator=generator)
+        batches = list(loader)
+        assert len(batches) == len(loader) == -(-len(data) // 64)
+        assert [len(b) for b in batches[:-1]] == [64] * (len(batches) - 1)
+        torch.testing.assert_close(torch.cat(batches), data[order], rtol=0, atol=0)
+    evaluation = torch.cat(list(digits.val_dataloader()))
+    torch.testing.assert_close(evaluation, digits.splits["val"], rtol=0, atol=0)
 
-    def counted(self: TensorBatches, indices: list[int]) -> Tensor:
-        calls.append(len(indices))
-        return slice_batch(self, indices)
 
-    def per_example(self: TensorBatches, index: int) -> Tensor:
-        raise AssertionError("an example was fetched on its own")
-
-    monkeypatch.setattr(TensorBatches, "__getitems__", counted)
-    monkeypatch.setattr(TensorBatches, "__getitem__", per_example)
-    batches = list(digits.train_dataloader())
-    assert calls == [len(batch) for batch in batches]
-    assert sum(calls) == len(digits.splits["train"]) and calls[0] == 64
+@pytest.mark.parametrize("size", [12, 13])
+def test_processes_share_the_data_without_repeats_in_equal_numbers_of_batches(size: int) -> None:
+    data = torch.arange(float(size))[:, None]
+    loaders = [TensorLoader(data, 4, shuffle=True, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    shards = [list(loader) for loader in loaders]
+    assert len(shards[0]) == len(shards[1]) == len(loaders[0])
+    seen = torch.cat([batch for shard in shards for batch in shard]).flatten()
+    assert sorted(seen.tolist()) == data.flatten().tolist()
+    assert all(len(b) <= 4 for shard in shards for b in shard)
+    with pytest.raises(DataError, match="cannot be shared by 3 processes"):
+        TensorLoader(data[:2], 4, world_size=3)
 
 
 @pytest.fixture
@@ -260,11 +272,10 @@ def test_validation_split_reproducible_and_disjoint(numbered: Path) -> None:
 def test_static_binarisation_is_drawn_once(digits: DigitsDataModule) -> None:
     module = DigitsDataModule(binarize="static")
     module.setup()
-    data = module.train_dataloader().dataset
-    everything = list(range(len(data)))
-    first = data.__getitems__(everything)
+    loader = module.train_dataloader()
+    first = whole(loader)
     assert set(first.unique().tolist()) == {0.0, 1.0}
-    assert torch.equal(first, data.__getitems__(everything))
+    assert torch.equal(first, whole(loader))
     again = DigitsDataModule(binarize="static")
     again.setup()
     for split in ("train", "val", "test"):
@@ -275,12 +286,11 @@ def test_static_binarisation_is_drawn_once(digits: DigitsDataModule) -> None:
 
 def test_dynamic_binarisation_is_fresh_each_epoch_and_fixed_for_evaluation() -> None:
     module = DigitsDataModule(binarize="dynamic", batch_size=2000)
-    data = module.train_dataloader().dataset
-    everything = list(range(len(data)))
-    first, second = data.__getitems__(everything), data.__getitems__(everything)
+    loader = module.train_dataloader()
+    first, second = whole(loader), whole(loader)
     assert set(first.unique().tolist()) == {0.0, 1.0}
     assert not torch.equal(first, second)
-    assert torch.equal(module.splits["train"], data.data), "stored data stay grey"
+    assert torch.equal(module.splits["train"], loader.data), "stored data stay grey"
     val = epoch(module.val_dataloader())
     assert set(val.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(val, epoch(module.val_dataloader()))
@@ -301,10 +311,8 @@ def test_dequantisation_stays_within_each_level(digits: DigitsDataModule, dequan
     # 17 grey levels (0..16), each widened to an interval of 1/17.
     assert torch.equal((test * 17).floor(), (digits.splits["test"] * 16).round())
     assert torch.equal(test, epoch(DigitsDataModule(dequantize=dequantize).test_dataloader()))
-    data = module.train_dataloader().dataset
-    first = data.__getitems__(list(range(len(data))))
-    second = data.__getitems__(list(range(len(data))))
-    assert torch.equal(first, second) == (dequantize == "static")
+    loader = module.train_dataloader()
+    assert torch.equal(whole(loader), whole(loader)) == (dequantize == "static")
 
 
 @pytest.mark.parametrize(

@@ -196,3 +196,16 @@ def test_sample_and_predict_shapes(tmp_path) -> None:
     assert ((model.sample(5, mean=True) > 0) & (model.sample(5, mean=True) < 1)).all()
     codes = make_trainer(tmp_path).predict(model, DigitsDataModule(flatten=False, batch_size=100))
     assert torch.cat(codes).shape == (359, 3)
+
+
+@pytest.mark.ddp
+def test_two_processes_train_with_unevenly_divisible_data(tmp_path) -> None:
+    """1293 training and 145 validation examples over 2 processes: equal batch counts, no hang."""
+    pl.seed_everything(0)
+    data = DigitsDataModule(batch_size=128, val_fraction=0.1005)
+    data.setup()
+    assert len(data.splits["train"]) % 2 == 1 and len(data.splits["val"]) % 2 == 1
+    model = VAE((64,), latent_dim=2)
+    trainer = make_trainer(tmp_path, max_epochs=1, strategy="ddp_spawn", devices=2)
+    trainer.fit(model, data)
+    assert math.isfinite(trainer.callback_metrics["val/elbo"])

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from vaeflow.data.base import InMemoryDataModule, Noise
+from vaeflow.data.base import InMemoryDataModule
 from vaeflow.errors import DataError
 
 
@@ -25,13 +25,8 @@ class SyntheticFADataModule(InMemoryDataModule):
         noise: ``diagonal`` (factor analysis) or ``isotropic`` (probabilistic PCA).
         data_seed: seed of the true parameters and of the examples.
         batch_size: examples per batch.
-        val_fraction: fraction of the training examples held out for validation.
-        seed: seed of the validation split.
         scale: map the data to [0, 1] by their min and max (off: keep the model's scale).
-        dequantize: see :class:`~vaeflow.data.base.InMemoryDataModule` (integer data only).
-        binarize: see :class:`~vaeflow.data.base.InMemoryDataModule`.
-        flatten: kept for the common interface; examples are vectors.
-        num_workers: DataLoader workers.
+        **kwargs: the other options of :class:`~vaeflow.data.base.InMemoryDataModule`.
     """
 
     def __init__(
@@ -43,17 +38,10 @@ class SyntheticFADataModule(InMemoryDataModule):
         noise: Literal["diagonal", "isotropic"] = "diagonal",
         data_seed: int = 0,
         batch_size: int = 500,
-        val_fraction: float = 0.1,
-        seed: int = 0,
         scale: bool = False,
-        dequantize: Noise = "none",
-        binarize: Noise = "none",
-        flatten: bool = True,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size, val_fraction, seed, scale, dequantize, binarize, flatten, num_workers
-        )
+        super().__init__(batch_size=batch_size, scale=scale, **kwargs)
         if dim < 1 or latent_dim < 0 or num_train < 0 or num_test < 0:
             raise DataError(
                 "SyntheticFADataModule: dim must be positive and latent_dim, num_train, "
