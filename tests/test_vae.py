@@ -1,5 +1,6 @@
 """VAE: the ELBO estimators, the importance-weighted log-likelihood, training and reloading."""
 
+import functools
 import math
 
 import lightning.pytorch as pl
@@ -139,6 +140,58 @@ def test_training_improves_the_bound(tmp_path, estimator: str) -> None:
     make_trainer(tmp_path, max_epochs=3).fit(model, data)
     after = model.log_likelihood(x, 50).mean()
     assert after > before + 5.0
+
+
+def test_alternating_training_moves_encoder_and_decoder_in_turn(tmp_path) -> None:
+    pl.seed_everything(0)
+    model = VAE(
+        (64,), latent_dim=4, likelihood="gaussian", prior="learned_gaussian", training="alternating"
+    )
+    e_step, m_step = model.configure_optimizers()[0]
+    e_params = {id(p) for group in e_step.param_groups for p in group["params"]}
+    m_params = {id(p) for group in m_step.param_groups for p in group["params"]}
+    assert e_params == {id(p) for p in model.encoder.parameters()}
+    assert m_params | e_params == {id(p) for p in model.parameters()} and not m_params & e_params
+    data = DigitsDataModule(batch_size=64)
+    data.setup()
+    before = model.log_likelihood(data.splits["val"], 50).mean()
+    trainer = make_trainer(tmp_path, max_epochs=3)
+    trainer.fit(model, data)
+    assert trainer.global_step == 2 * 3 * len(
+        data.train_dataloader()
+    )  # an E- and an M-step per batch
+    assert model.log_likelihood(data.splits["val"], 50).mean() > before + 5.0
+
+
+def test_schedulers_step_once_per_epoch(tmp_path) -> None:
+    model = VAE(
+        (64,),
+        latent_dim=2,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+    )
+    make_trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(model, DigitsDataModule())
+    assert model.optimizers().param_groups[0]["lr"] == pytest.approx(0.0025)
+    plateau = VAE(
+        (64,),
+        latent_dim=2,
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0),
+    )
+    make_trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(plateau, DigitsDataModule())
+
+
+def test_gradient_norm_is_clipped(tmp_path) -> None:
+    pl.seed_everything(0)
+    model = VAE(
+        (64,),
+        latent_dim=2,
+        optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+        gradient_clip_val=1e-3,
+    )
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, DigitsDataModule())
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert 0 < (after - before).norm() <= 1e-3 * (1 + 1e-5)
 
 
 def test_validation_and_test_log_nats_bits_and_importance_weighted_likelihood(tmp_path) -> None:

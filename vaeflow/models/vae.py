@@ -16,11 +16,14 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
 from vaeflow.errors import ConfigError
 from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood
+from vaeflow.metrics import EpochMeans
 from vaeflow.nets import MLP, NetFactory
 from vaeflow.priors import Prior
 from vaeflow.registry import LIKELIHOODS, PRIORS
@@ -47,7 +50,13 @@ class VAE(LightningModule):
         eval_samples: importance samples K of the log-likelihood estimate logged at validation
             and test (0 skips it; 5000 is the literature's standard for MNIST test scores).
         optimizer: optimiser factory (YAML: ``class_path: torch.optim.Adam`` + ``init_args``).
-        lr_scheduler: optional learning-rate scheduler factory.
+        lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch
+            (``ReduceLROnPlateau`` on the training objective).
+        training: ``joint`` moves all parameters at once; ``alternating`` is the EM view:
+            per batch an E-step moves the encoder with the decoder fixed, then an M-step moves
+            the decoder, likelihood and prior with the encoder fixed (one optimiser each).
+        gradient_clip_val: clip the gradient norm to this value (the VAE steps its optimisers
+            itself, so Trainer(gradient_clip_val) does not apply; set it here).
     """
 
     def __init__(
@@ -64,6 +73,8 @@ class VAE(LightningModule):
         eval_samples: int = 0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        training: Literal["joint", "alternating"] = "joint",
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
@@ -86,9 +97,12 @@ class VAE(LightningModule):
         self.eval_samples = eval_samples
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        # Running sums of the logged metrics per stage, and the examples they cover.
-        self._epoch_sums: dict[str, dict[str, Tensor]] = {}
-        self._epoch_counts: dict[str, int] = {}
+        self.training_mode = training
+        self.gradient_clip_val = gradient_clip_val
+        # Steps are taken by hand: cheaper than Lightning's closure on small models, and
+        # alternating training needs two optimisers.
+        self.automatic_optimization = False
+        self._means = {stage: EpochMeans() for stage in ("train", "val", "test")}
 
     # -- the model --------------------------------------------------------------------------------
 
@@ -169,10 +183,25 @@ class VAE(LightningModule):
         return loss, {"elbo": elbo.mean(), "reconstruction": reconstruction.mean(), "kl": kl.mean()}
 
     @override
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss, metrics = self.objective(batch)
-        self._log_metrics("train", metrics, len(batch))
-        return loss
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """A step on the whole model, or, alternating, an E-step that moves the encoder with
+        the rest fixed and then an M-step that moves the rest with the encoder fixed."""
+        optimizers = self.optimizers()
+        if not isinstance(optimizers, list):
+            optimizers = [optimizers]
+        for phase, optimizer in enumerate(optimizers):
+            if len(optimizers) > 1:
+                self.toggle_optimizer(optimizer)  # no gradients for the fixed parameters
+            loss, metrics = self.objective(batch)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            if self.gradient_clip_val is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
+            optimizer.step()
+            if len(optimizers) > 1:
+                self.untoggle_optimizer(optimizer)
+            if phase == 0:
+                self._means["train"].update(metrics, len(batch))
 
     @override
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -192,61 +221,35 @@ class VAE(LightningModule):
         metrics = {"elbo": elbo.mean(), "reconstruction": reconstruction.mean(), "kl": kl.mean()}
         if self.eval_samples:
             metrics["log_likelihood"] = self.log_likelihood(x, self.eval_samples).mean()
-        self._log_metrics(stage, metrics, len(x))
+        self._means[stage].update(metrics, len(x))
 
-    def _log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
-        """Add the batch's means, weighted by its size, to the stage's running sums.
-
-        The sums stay on the device and are logged once per epoch by :meth:`_log_epoch`:
-        ``self.log`` per step costs more than the whole step of a small model on the CPU.
-        """
-        sums = self._epoch_sums.setdefault(stage, {})
-        for name, value in metrics.items():
-            value = value.detach()
-            sums[name] = (
-                torch.add(sums[name], value, alpha=batch_size)
-                if name in sums
-                else value * batch_size
-            )
-        self._epoch_counts[stage] = self._epoch_counts.get(stage, 0) + batch_size
-
-    def _log_epoch(self, stage: str) -> None:
+    def _log_epoch(self, stage: str) -> dict[str, Tensor]:
         """Log the epoch means in nats per example, with bits per dimension beside the bounds."""
-        sums = self._epoch_sums.pop(stage, {})
-        count = self._epoch_counts.pop(stage, 0)
-        if not sums:
-            return
-        values = list(sums.values())
-        totals = torch.stack([*values, values[0].new_tensor(float(count))])
-        # One reduction of sums and counts over processes gives exact means under DDP too.
-        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        means = dict(zip(sums, totals[:-1] / totals[-1], strict=True))
+        means = self._means[stage].compute(
+            lambda totals: self.trainer.strategy.reduce(totals, reduce_op="sum")
+        )
         dims = math.prod(self.input_shape) * math.log(2)
+        logged = {f"{stage}/{name}": value for name, value in means.items()}
         for name in ("elbo", "iw_bound", "log_likelihood"):
             if name in means:
-                means[f"{name}_bits_per_dim"] = -means[name] / dims
-        self.log_dict(
-            {f"{stage}/{name}": value for name, value in means.items()},
-            on_step=False,
-            on_epoch=True,
-            prog_bar=False,
-        )
+                logged[f"{stage}/{name}_bits_per_dim"] = -means[name] / dims
+        self.log_dict(logged, on_step=False, on_epoch=True)
+        return means
 
     @override
     def on_train_epoch_start(self) -> None:
-        self._reset_epoch("train")
-
-    @override
-    def on_validation_epoch_start(self) -> None:
-        self._reset_epoch("val")
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        self._reset_epoch("test")
+        self._means["train"] = EpochMeans()  # nothing left from an interrupted epoch
 
     @override
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
+        """Log the epoch, then step the schedulers (manual optimisation steps them itself)."""
+        means = self._log_epoch("train")
+        schedulers = self.lr_schedulers() or []
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(-means.get("elbo", means.get("iw_bound")))
+            else:
+                scheduler.step()
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -256,11 +259,6 @@ class VAE(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
-    def _reset_epoch(self, stage: str) -> None:
-        """Drop sums left by an interrupted epoch of the same stage."""
-        self._epoch_sums.pop(stage, None)
-        self._epoch_counts.pop(stage, None)
-
     @override
     def setup(self, stage: str) -> None:
         """Check the data against the likelihood's support once, before any step runs."""
@@ -269,8 +267,16 @@ class VAE(LightningModule):
             self.likelihood.check_support(data)
 
     @override
-    def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
+    def configure_optimizers(self) -> tuple[list[Optimizer], list[LRScheduler]]:
+        """One optimiser for joint training; for alternating, one for the encoder (E-step)
+        and one for the decoder, likelihood and prior (M-step). A scheduler for each."""
+        if self.training_mode == "joint":
+            groups = [list(self.parameters())]
+        else:
+            encoder = list(self.encoder.parameters())
+            rest = [p for p in self.parameters() if all(p is not q for q in encoder)]
+            groups = [encoder, rest]
+        optimizers = [self.optimizer(params) for params in groups]
         if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+            return optimizers, []
+        return optimizers, [self.lr_scheduler(optimizer) for optimizer in optimizers]
