@@ -234,6 +234,17 @@ def test_batches_are_slices_of_one_permutation_per_epoch(digits: DigitsDataModul
     torch.testing.assert_close(evaluation, digits.splits["val"], rtol=0, atol=0)
 
 
+def test_unshuffled_batches_are_views_of_the_stored_tensor() -> None:
+    module = DigitsDataModule(shuffle=False, batch_size=100)
+    module.setup()
+    stored = module.splits["train"]
+    batches = list(module.train_dataloader())
+    assert all(
+        b.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr() for b in batches
+    )
+    torch.testing.assert_close(torch.cat(batches), stored, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("size", [12, 13])
 def test_processes_share_the_data_without_repeats_in_equal_numbers_of_batches(size: int) -> None:
     data = torch.arange(float(size))[:, None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Literal
@@ -21,9 +22,10 @@ class TensorLoader:
 
     A ``DataLoader`` costs a Python list of indices per batch, a sampler and a collate step; on
     a CPU step of a few milliseconds that shows, so this loader does the one thing needed.
-    Under DDP every process takes every ``world_size``-th example of the same permutation: no
-    example is repeated (epoch sums stay exact) and every process gets the same number of
-    batches (their sizes differ by at most one example), so collective operations stay paired.
+    Under DDP every process takes its own contiguous share of the same permutation: no example
+    is repeated (epoch sums stay exact) and every process gets the same number of batches
+    (their sizes differ by at most one example), so collective operations stay paired. Without
+    shuffling, batches are views of the stored tensor.
 
     Args:
         data: the examples, ``(N, *dims)``.
@@ -65,14 +67,22 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[Tensor]:
         size = len(self.data)
-        mine = torch.arange(self.rank, size, self.world_size)
+        start = self.rank * size // self.world_size
+        stop = (self.rank + 1) * size // self.world_size
+        if size % self.world_size == 0:  # every process has as many examples: plain batches
+            edges = [*range(0, stop - start, self.batch_size), stop - start]
+        else:  # as many batches everywhere, their sizes within one example of each other
+            edges = [i * (stop - start) // len(self) for i in range(len(self) + 1)]
+        order = None
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            mine = torch.randperm(size, generator=generator)[mine]
+            order = torch.randperm(size, generator=generator)[start:stop]
             self.epoch += 1
-        even = size % self.world_size == 0
-        for index in mine.split(self.batch_size) if even else mine.tensor_split(len(self)):
-            batch = self.data[index]
+        for low, high in itertools.pairwise(edges):
+            if order is None:  # a view: no copy at all
+                batch = self.data[start + low : start + high]
+            else:
+                batch = self.data[order[low:high]]
             yield batch if self.transform is None else self.transform(batch)
 
 
@@ -102,7 +112,9 @@ class InMemoryDataModule(LightningDataModule):
     Args:
         batch_size: examples per training batch (evaluation uses the same).
         val_fraction: fraction of the training set held out for validation (0 disables it).
-        seed: seed of the validation split and of every static noise draw.
+        seed: seed of the validation split, of every static noise draw and of the shuffling.
+        shuffle: shuffle the training set every epoch. Models whose passes do not depend on
+            the order (factor analysis) turn it off and read the data as views, without copies.
         scale: map the data to [0, 1] (by the known pixel range, else by the data's min and max).
         dequantize: add uniform noise of one quantisation level to integer data, so that a
             continuous density is well defined. ``static`` draws it once, ``dynamic`` anew for
@@ -120,6 +132,7 @@ class InMemoryDataModule(LightningDataModule):
         batch_size: int = 100,
         val_fraction: float = 0.1,
         seed: int = 0,
+        shuffle: bool = True,
         scale: bool = True,
         dequantize: Noise = "none",
         binarize: Noise = "none",
@@ -135,6 +148,7 @@ class InMemoryDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.seed = seed
+        self.shuffle = shuffle
         self.scale = scale
         self.dequantize = dequantize
         self.binarize = binarize
@@ -257,7 +271,7 @@ class InMemoryDataModule(LightningDataModule):
         return self.splits[key]
 
     def train_dataloader(self) -> TensorLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=self.shuffle)
 
     def val_dataloader(self) -> TensorLoader | list:
         """No loader (validation off) when ``val_fraction`` is 0."""
