@@ -158,3 +158,28 @@ def test_an_earlier_run_is_never_overwritten(capsys, tmp_path, monkeypatch) -> N
     err = expect_user_error(capsys, *args, "--model.init_args.latent_dim", "3")
     assert "exists from an earlier run" in err
     assert config.read_bytes() == before
+
+
+def test_the_default_progress_bar_redraws_every_few_steps_and_yields_to_the_config(
+    tmp_path, monkeypatch
+) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from vaeflow.cli import VaeflowCLI
+
+    monkeypatch.chdir(tmp_path)
+    base = ["--config", QUICKSTART]  # run=False: no subcommand
+    (bar,) = [
+        c
+        for c in VaeflowCLI(args=base, run=False).trainer.callbacks
+        if isinstance(c, TQDMProgressBar)
+    ]
+    assert bar.refresh_rate == 25
+    mine = VaeflowCLI(args=[*base, "--trainer.callbacks+=RichProgressBar"], run=False).trainer
+    assert isinstance(mine.progress_bar_callback, RichProgressBar)
+    assert (
+        VaeflowCLI(
+            args=[*base, "--trainer.enable_progress_bar=false"], run=False
+        ).trainer.progress_bar_callback
+        is None
+    )
