@@ -23,7 +23,7 @@ from vaeflow.data import (
     InMemoryDataModule,
     MNISTDataModule,
 )
-from vaeflow.data.base import TensorLoader
+from vaeflow.data.base import TensorLoader, binarize
 from vaeflow.data.torchvision import TorchvisionDataModule
 from vaeflow.errors import DataError
 
@@ -278,6 +278,14 @@ def test_validation_split_reproducible_and_disjoint(numbered: Path) -> None:
     assert rows(0, "val") == val
     assert rows(1, "val") != val
     assert rows(1, "test") == test
+
+
+def test_binarize_draws_bernoulli_variables() -> None:
+    probabilities = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]).repeat(40_000, 1)
+    draws = binarize(probabilities, torch.Generator().manual_seed(0))
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+    # 40,000 draws each: the standard error of a frequency is at most 0.0025
+    torch.testing.assert_close(draws.mean(0), probabilities[0], rtol=0, atol=0.01)
 
 
 def test_static_binarisation_is_drawn_once(digits: DigitsDataModule) -> None:

@@ -156,6 +156,23 @@ def test_prior_shapes_sampling_and_kl(name: str) -> None:
     assert ((kl - log_ratio.mean(0)).abs() < 5 * stderr).all()
 
 
+def test_the_standard_normal_kl_shortcut_equals_the_general_gaussian_kl() -> None:
+    from torch.distributions.kl import _kl_normal_normal
+
+    from vaeflow.priors import StandardNormal
+
+    posterior = torch.distributions.Normal(
+        torch.randn(5, 3, dtype=torch.float64), torch.rand(5, 3, dtype=torch.float64) + 0.1
+    )
+    prior = StandardNormal(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(
+        torch.distributions.kl_divergence(posterior, prior),
+        _kl_normal_normal(posterior, prior),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
 @pytest.mark.parametrize("name", SCIPY_PRIORS)
 def test_prior_log_prob_matches_scipy_in_float64(name: str) -> None:
     torch.manual_seed(3)

@@ -47,8 +47,11 @@ class Likelihood(nn.Module):
 
     def forward(self, outputs: Tensor) -> Distribution:
         """``outputs`` of shape ``(*batch, num_outputs)`` -> distribution with that batch shape."""
-        shaped = outputs.unflatten(-1, (self.params_per_element, *self.event_shape))
-        params = shaped.unbind(-1 - len(self.event_shape))
+        if self.params_per_element == 1:  # the common case, without a split
+            params = (outputs.unflatten(-1, self.event_shape),)
+        else:
+            shaped = outputs.unflatten(-1, (self.params_per_element, *self.event_shape))
+            params = shaped.unbind(-1 - len(self.event_shape))
         return Independent(self.distribution(*params), len(self.event_shape))
 
     def distribution(self, *params: Tensor) -> Distribution:

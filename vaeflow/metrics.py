@@ -17,23 +17,26 @@ class EpochMeans:
     """Size-weighted running means: no host synchronisation until :meth:`compute`."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
+        self.names: list[str] = []
+        self.total: Tensor | None = None
         self.count = 0
 
     def update(self, metrics: dict[str, Tensor], batch_size: int) -> None:
-        """Add one batch's means (``metrics``) over ``batch_size`` examples."""
-        for name, value in metrics.items():
-            value = value.detach() * batch_size
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        """Add one batch's means (``metrics``, the same names every batch) over ``batch_size``
+        examples: two tensor operations whatever the number of metrics."""
+        values = torch.stack(list(metrics.values())).detach()
+        if self.total is None:
+            self.names, self.total = list(metrics), values * batch_size
+        else:
+            self.total = self.total.add(values, alpha=batch_size)
         self.count += batch_size
 
     def compute(self, reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
         """The means over the epoch, and a reset. ``reduce_sum`` sums a tensor over processes
         (one collective for every metric and the count, so the means are exact under DDP)."""
-        if not self.sums:
+        if self.total is None:
             return {}
-        names = list(self.sums)
-        totals = torch.stack([*self.sums.values(), self.sums[names[0]].new_tensor(self.count)])
-        totals = reduce_sum(totals)
-        self.sums, self.count = {}, 0
-        return dict(zip(names, totals[:-1] / totals[-1], strict=True))
+        totals = reduce_sum(torch.cat([self.total, self.total.new_tensor([self.count])]))
+        means = dict(zip(self.names, totals[:-1] / totals[-1], strict=True))
+        self.names, self.total, self.count = [], None, 0
+        return means

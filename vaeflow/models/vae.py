@@ -112,8 +112,10 @@ class VAE(LightningModule):
         return Independent(Normal(loc, F.softplus(raw_scale) + 1e-6, validate_args=False), 1)
 
     def decode(self, z: Tensor) -> Distribution:
-        """p(x | z), batched over the leading dimensions of ``z``."""
-        return self.likelihood(self.decoder(z))
+        """p(x | z), batched over the leading dimensions of ``z`` (samples, examples), which
+        the decoder sees as one batch dimension."""
+        outputs = self.decoder(z.reshape(-1, self.latent_dim))
+        return self.likelihood(outputs.reshape(*z.shape[:-1], -1))
 
     def elbo_terms(
         self, x: Tensor, num_samples: int = 1, estimator: Estimator = "analytic_kl"
@@ -178,9 +180,9 @@ class VAE(LightningModule):
             weights = self.log_importance_weights(x, self.num_samples, reparameterized=True)
             bound = (weights.logsumexp(0) - math.log(self.num_samples)).mean()
             return -bound, {"iw_bound": bound}
-        elbo, reconstruction, kl = self.elbo_terms(x, self.num_samples, self.estimator)
-        loss = -(reconstruction - self.beta * kl).mean()
-        return loss, {"elbo": elbo.mean(), "reconstruction": reconstruction.mean(), "kl": kl.mean()}
+        _, reconstruction, kl = self.elbo_terms(x, self.num_samples, self.estimator)
+        loss = (self.beta * kl - reconstruction).mean()
+        return loss, {"reconstruction": reconstruction.mean(), "kl": kl.mean()}
 
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -204,6 +206,13 @@ class VAE(LightningModule):
                 self._means["train"].update(metrics, len(batch))
 
     @override
+    def transfer_batch_to_device(
+        self, batch: Tensor, device: torch.device, dataloader_idx: int
+    ) -> Tensor:
+        """A batch is one tensor: moving it needs no walk over a collection."""
+        return batch.to(device)
+
+    @override
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         self._evaluate("val", batch)
 
@@ -217,8 +226,8 @@ class VAE(LightningModule):
         return self.encode(batch).mean
 
     def _evaluate(self, stage: str, x: Tensor) -> None:
-        elbo, reconstruction, kl = self.elbo_terms(x, self.num_samples)
-        metrics = {"elbo": elbo.mean(), "reconstruction": reconstruction.mean(), "kl": kl.mean()}
+        _, reconstruction, kl = self.elbo_terms(x, self.num_samples)
+        metrics = {"reconstruction": reconstruction.mean(), "kl": kl.mean()}
         if self.eval_samples:
             metrics["log_likelihood"] = self.log_likelihood(x, self.eval_samples).mean()
         self._means[stage].update(metrics, len(x))
@@ -228,6 +237,8 @@ class VAE(LightningModule):
         means = self._means[stage].compute(
             lambda totals: self.trainer.strategy.reduce(totals, reduce_op="sum")
         )
+        if "kl" in means:  # the ELBO's epoch mean, from its two terms
+            means["elbo"] = means["reconstruction"] - means["kl"]
         dims = math.prod(self.input_shape) * math.log(2)
         logged = {f"{stage}/{name}": value for name, value in means.items()}
         for name in ("elbo", "iw_bound", "log_likelihood"):
