@@ -2,6 +2,7 @@
 
 import functools
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -262,3 +263,33 @@ def test_two_processes_train_with_unevenly_divisible_data(tmp_path) -> None:
     trainer = make_trainer(tmp_path, max_epochs=1, strategy="ddp_spawn", devices=2)
     trainer.fit(model, data)
     assert math.isfinite(trainer.callback_metrics["val/elbo"])
+
+
+def test_predict_writes_the_latent_codes(tmp_path, monkeypatch) -> None:
+    from vaeflow.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    main(["fit", "--config", config, "--trainer.max_epochs", "1"])
+    (checkpoint,) = (tmp_path / "runs").rglob("*.ckpt")
+    main(["predict", "--config", config, "--ckpt_path", str(checkpoint)])
+    (written,) = (tmp_path / "runs").rglob("latents.pt")
+    latents = torch.load(written)["latents"]
+    test = torch.cat(list(DigitsDataModule(binarize="dynamic").predict_dataloader()))  # as configured
+    model = VAE.load_from_checkpoint(checkpoint)
+    torch.testing.assert_close(latents, model.encode(test).mean.detach())
+
+
+@pytest.mark.ddp
+def test_two_processes_write_the_latent_codes_of_one(tmp_path) -> None:
+    model = VAE((64,), latent_dim=3)
+    data = DigitsDataModule(batch_size=50)  # 359 test examples: shares of 179 and 180
+    make_trainer(tmp_path / "one").predict(model, data, return_predictions=False)
+    make_trainer(tmp_path / "two", strategy="ddp_spawn", devices=2).predict(
+        model, data, return_predictions=False
+    )
+    one = torch.load(tmp_path / "one" / "latents.pt")["latents"]
+    two = torch.load(tmp_path / "two" / "latents.pt")["latents"]
+    assert one.shape == (359, 3)
+    torch.testing.assert_close(two, one)
+    assert not list((tmp_path / "two").glob("latents_rank*.pt"))

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
+from vaeflow.callbacks import LatentCodeWriter
 from vaeflow.errors import ConfigError
 from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood
@@ -269,6 +270,11 @@ class VAE(LightningModule):
     @override
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+
+    @override
+    def configure_callbacks(self) -> list[Callback]:
+        """``vaeflow predict`` writes the latent codes (posterior means) to ``latents.pt``."""
+        return [LatentCodeWriter()]
 
     @override
     def setup(self, stage: str) -> None:

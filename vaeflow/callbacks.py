@@ -1,0 +1,50 @@
+"""Callbacks the models bring along: writing what ``vaeflow predict`` computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from typing_extensions import override
+
+#: The file ``vaeflow predict`` writes into the run folder.
+LATENTS_FILE = "latents.pt"
+
+
+class LatentCodeWriter(BasePredictionWriter):
+    """Writes the latent codes that ``predict_step`` returns to ``latents.pt`` in the run folder.
+
+    The file holds a dict: ``latents``, one row per example in the order of the predict data
+    (by default the data module's test split), plus whatever the model's
+    ``prediction_extras()`` adds (e.g. the posterior covariance of factor analysis). Under DDP
+    each process holds a contiguous share of the examples (see ``TensorLoader``); the shares are
+    written apart, then joined in rank order into the one file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    @override
+    def write_on_epoch_end(
+        self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        latents = torch.cat(predictions).cpu()
+        extras = getattr(pl_module, "prediction_extras", dict)()
+        if trainer.world_size == 1:
+            torch.save({"latents": latents, **extras}, folder / LATENTS_FILE)
+            return
+        share = folder / f"latents_rank{trainer.global_rank}.pt"
+        torch.save(latents, share)
+        trainer.strategy.barrier()
+        if trainer.global_rank == 0:
+            shares = [folder / f"latents_rank{rank}.pt" for rank in range(trainer.world_size)]
+            joined = torch.cat([torch.load(path) for path in shares])
+            torch.save({"latents": joined, **extras}, folder / LATENTS_FILE)
+            for path in shares:
+                path.unlink()
+        trainer.strategy.barrier()
