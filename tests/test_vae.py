@@ -275,7 +275,8 @@ def test_predict_writes_the_latent_codes(tmp_path, monkeypatch) -> None:
     main(["predict", "--config", config, "--ckpt_path", str(checkpoint)])
     (written,) = (tmp_path / "runs").rglob("latents.pt")
     latents = torch.load(written)["latents"]
-    test = torch.cat(list(DigitsDataModule(binarize="dynamic").predict_dataloader()))  # as configured
+    configured = DigitsDataModule(binarize="dynamic")  # as in quickstart.yaml
+    test = torch.cat(list(configured.predict_dataloader()))
     model = VAE.load_from_checkpoint(checkpoint)
     torch.testing.assert_close(latents, model.encode(test).mean.detach())
 
