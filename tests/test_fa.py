@@ -19,9 +19,9 @@ from vaeflow.cli import main
 from vaeflow.data import SyntheticFADataModule
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.models import FactorAnalysis
-from vaeflow.models.fa import (
+from vaeflow.models.fa_math import (
     Moments,
-    _cholesky_of_precision,
+    cholesky_of_precision,
     elbo_from_moments,
     log_likelihood_from_moments,
     m_step,
@@ -126,7 +126,7 @@ def test_after_an_e_step_the_elbo_equals_the_log_likelihood_and_the_m_step_raise
         w, psi = model.loadings.clone(), model.noise_variance.clone()
         model.mean.copy_(x.mean(0))  # the ML mean, as EM uses
         stats = moments_of(x, model)
-        _, chol = _cholesky_of_precision(w, psi)
+        _, chol = cholesky_of_precision(w, psi)
         ll = log_likelihood_from_moments(w, psi, chol, stats)
         assert ll.item() == pytest.approx(model.log_likelihood(x).mean().item(), abs=1e-10)
         assert elbo_from_moments(w, psi, chol, stats).item() == pytest.approx(ll.item(), abs=1e-10)
