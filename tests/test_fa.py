@@ -3,6 +3,7 @@ with scikit-learn and the closed-form PPCA solution, DDP, checkpoints and the CL
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -316,9 +317,12 @@ def test_cli_fits_and_predict_writes_the_latent_codes(tmp_path: Path, monkeypatc
     config = str(REPO / "configs" / "fa_synthetic.yaml")
     main(["fit", "--config", config, "--trainer.enable_progress_bar", "false"])
     run = tmp_path / "runs" / "vaeflow" / "version_0"
-    header, *rows = (run / "metrics.csv").read_text().splitlines()
-    assert {"train/log_likelihood", "train/elbo", "val/log_likelihood"} <= set(header.split(","))
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert {"train/log_likelihood", "train/elbo", "val/log_likelihood"} <= set(rows[0])
     assert len(rows) > 2  # one row per EM iteration
+    # every row, validation included, is on the EM-iteration axis: no step means two iterations
+    assert all(row["step"] == row["em_iteration"] for row in rows)
+    assert rows[-1]["val/log_likelihood"] and rows[-1]["step"] == rows[-2]["step"]
     (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
     main(["predict", "--config", config, "--ckpt_path", str(checkpoint)])
     (written,) = (tmp_path / "runs").rglob("latents.pt")

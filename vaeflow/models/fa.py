@@ -155,6 +155,7 @@ class FactorAnalysis(LightningModule):
         self._omega: Tensor | None = None  # random test matrix of the streaming PPCA sketch
         self._basis: Tensor | None = None  # sketched range Q, for the Rayleigh-Ritz pass
         self._chunk: Tensor | None = None  # float64 rows of the moment pass (add_moments_)
+        self._val_sums = torch.zeros(2, dtype=f64)  # validation: sum of log p(x), examples
         self._floor = 0.0
         self._pass = 0
         self._last_ll = -math.inf
@@ -234,9 +235,28 @@ class FactorAnalysis(LightningModule):
             raise DataError("FactorAnalysis: the training data set is empty; nothing was fitted")
 
     @override
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = self.mean.new_zeros(2)  # sum of log-likelihoods, examples
+
+    @override
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        ll = self.log_likelihood(batch).mean()
-        self.log("val/log_likelihood", ll.float(), batch_size=len(batch), sync_dist=True)
+        ll = self.log_likelihood(batch)
+        self._val_sums += torch.stack([ll.sum(), ll.new_tensor(len(ll))])
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        """``val/log_likelihood`` goes to the loggers on the EM-iteration axis (step = EM
+        iteration of the parameters it scores), like the training rows: logged through
+        Lightning, it took Lightning's batch count as its step, which collided with an EM
+        iteration's row (two rows of one step in metrics.csv)."""
+        total, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        value = (total / count).item()
+        self.log("val/log_likelihood", value, logger=False)  # callbacks and progress bar
+        if not self.trainer.sanity_checking:
+            row = {"val/log_likelihood": value, "em_iteration": int(self.n_iter)}
+            for logger in self.loggers:
+                logger.log_metrics(row, step=int(self.n_iter))
 
     @override
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
