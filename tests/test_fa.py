@@ -22,10 +22,12 @@ from vaeflow.errors import ConfigError, DataError
 from vaeflow.models import FactorAnalysis
 from vaeflow.models.fa_math import (
     Moments,
+    add_moments_,
     cholesky_of_precision,
     elbo_from_moments,
     log_likelihood_from_moments,
     m_step,
+    symmetric_from_lower,
     varimax,
 )
 
@@ -139,6 +141,22 @@ def test_after_an_e_step_the_elbo_equals_the_log_likelihood_and_the_m_step_raise
         assert model.log_likelihood(x).mean() >= elbo_new - 1e-12  # ... which stays below LL
 
 
+def test_moment_sums_in_chunks_are_the_float64_sums() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(53, 6, generator=g) * 3 + 100).float()  # a large mean against the spread
+    shift = x[:10].mean(0, dtype=F64)
+    total, gram, buffer = (
+        torch.zeros(6, dtype=F64),
+        torch.zeros(6, 6, dtype=F64),
+        torch.empty(7, 6, dtype=F64),
+    )
+    for batch in x.split(20):  # batches larger than the buffer, and a ragged last one
+        add_moments_(total, gram, batch, shift, buffer)
+    xs = x.to(F64) - shift
+    torch.testing.assert_close(total, xs.sum(0), rtol=1e-13, atol=1e-10)
+    torch.testing.assert_close(symmetric_from_lower(gram), xs.T @ xs, rtol=1e-13, atol=1e-10)
+
+
 # -- EM guarantees ------------------------------------------------------------------------------
 
 
@@ -178,6 +196,15 @@ def test_accelerated_em_on_the_moments_never_lowers_the_log_likelihood(
     assert (np.diff(ll) >= -1e-10).all()
     np.testing.assert_allclose(elbo, ll, rtol=0, atol=1e-9)
     assert model.log_likelihood(train_data(data)).mean().item() == pytest.approx(ll[-1], abs=1e-8)
+
+
+def test_squarem_reaches_plain_em_s_fit_in_fewer_iterations() -> None:
+    data = SyntheticFADataModule(num_train=2000, dim=10, latent_dim=3)
+    plain = fitted(data, accelerate=False, init="random", tol=1e-10)
+    fast = fitted(data, init="random", tol=1e-10)
+    ll_plain, ll_fast = (m.log_likelihood(train_data(data)).mean().item() for m in (plain, fast))
+    assert ll_fast == pytest.approx(ll_plain, abs=1e-7)
+    assert int(fast.n_iter) < int(plain.n_iter) / 2
 
 
 def test_streaming_and_moments_reach_the_same_fit() -> None:
