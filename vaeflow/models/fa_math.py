@@ -205,10 +205,10 @@ def _squarem_step(
     psi3 = (log_psi + 2 * a * r_p + a**2 * v_p).exp().clamp_min(floor)
     try:
         state3 = e_step(cov, w3, psi3)
+        w4, psi4 = m_step(state3.moments, state3.chol, floor, isotropic)
+        state4 = e_step(cov, w4, psi4)
     except torch.linalg.LinAlgError:  # an overflowing extrapolation: not positive definite
         return w2, psi2, state2
-    w4, psi4 = m_step(state3.moments, state3.chol, floor, isotropic)
-    state4 = e_step(cov, w4, psi4)
     if state4.log_likelihood >= state2.log_likelihood:  # False for NaN
         return w4, psi4, state4
     return w2, psi2, state2
