@@ -8,8 +8,8 @@ taken once per pass. Two ways to fit:
 - ``moments`` (D up to a few thousand): one pass accumulates n, sum x and sum x x^T (float64,
   a few thousand rows per syrk), then EM iterates on the covariance S without touching the data
   again. EM on S is accelerated by SQUAREM (Varadhan & Roland, 2008): an extrapolated step is
-  kept only if the exact log-likelihood does not drop below that of two plain EM steps, else
-  those are taken, so the log-likelihood never decreases.
+  kept only if its exact log-likelihood is at least that of a plain EM step, else two plain EM
+  steps are taken, so the log-likelihood never decreases.
 - ``streaming`` (large D, where D x D does not fit): one plain EM iteration per epoch; the
   statistics are D x M and M x M.
 
@@ -74,7 +74,8 @@ class FactorAnalysis(LightningModule):
     runs once at the end of the pass. Training stops by itself once the log-likelihood gains
     less than ``tol`` nats per example (or after ``max_iter`` EM iterations): leave the Trainer's
     ``max_epochs`` at -1. The per-iteration log-likelihood and ELBO (nats per example) go to the
-    loggers as ``train/log_likelihood`` and ``train/elbo``, one row per EM iteration.
+    loggers as ``train/log_likelihood`` and ``train/elbo``, one row per EM iteration, with the
+    iteration as the step; ``val/log_likelihood`` takes the step of the iteration it scores.
 
     The mean is the sample mean (its exact maximum-likelihood value). Parameters are float64
     ``nn.Parameter`` objects, so checkpoints carry them and DDP can wrap the module; EM writes
