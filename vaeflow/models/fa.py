@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch import Callback, LightningModule
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from vaeflow.callbacks import LatentCodeWriter
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.models.fa_math import (
     CHUNK_ROWS,
@@ -48,9 +47,6 @@ from vaeflow.models.fa_math import (
     symmetric_from_lower,
     varimax,
 )
-
-#: File that ``vaeflow predict`` writes into the run folder (see :class:`LatentCodeWriter`).
-LATENTS_FILE = "latents.pt"
 
 
 class EMStepCounter(Optimizer):
@@ -268,6 +264,12 @@ class FactorAnalysis(LightningModule):
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         return self.posterior(batch)[0]
 
+    def prediction_extras(self) -> dict[str, Tensor]:
+        """What ``latents.pt`` holds beside the posterior means: the posterior covariance G
+        (M x M), the same for every example."""
+        _, chol = cholesky_of_precision(self.loadings, self.noise_variance)
+        return {"covariance": torch.cholesky_inverse(chol).detach().cpu()}
+
     # -- the E-step, batch by batch --------------------------------------------------------
 
     def _add(self, name: str, value: Tensor) -> None:
@@ -432,37 +434,3 @@ class FactorAnalysis(LightningModule):
     def _record_iteration(self, iteration: int, ll: Tensor, elbo: Tensor) -> None:
         self.n_iter.fill_(iteration)
         self._record(ll, elbo)
-
-
-class LatentCodeWriter(BasePredictionWriter):
-    """Writes the posterior means of ``vaeflow predict`` to ``latents.pt`` in the run folder.
-
-    The file holds a dict: ``latents`` (N x M float64, in the order of the predict data loader,
-    by default the data module's test split) and ``covariance`` (M x M, the posterior covariance
-    shared by every example). Under DDP each rank writes ``latents_rank<r>.pt`` with the
-    ``indices`` of its examples in the data set.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(write_interval="epoch")
-
-    @override
-    def write_on_epoch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        predictions: Any,
-        batch_indices: Any,
-    ) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        _, chol = cholesky_of_precision(pl_module.loadings, pl_module.noise_variance)
-        record = {
-            "latents": torch.cat(predictions),
-            "covariance": torch.cholesky_inverse(chol).detach(),
-        }
-        name = LATENTS_FILE
-        if trainer.world_size > 1:
-            record["indices"] = torch.tensor([i for batch in batch_indices[0] for i in batch])
-            name = f"latents_rank{trainer.global_rank}.pt"
-        torch.save(record, folder / name)
