@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from vaeflow.data import (
     InMemoryDataModule,
     MNISTDataModule,
 )
-from vaeflow.data.base import TensorLoader, binarize
+from vaeflow.data.base import DynamicTransform, TensorLoader, binarize
 from vaeflow.data.torchvision import TorchvisionDataModule
 from vaeflow.errors import DataError
 
@@ -319,6 +320,36 @@ def test_dynamic_binarisation_is_fresh_each_epoch_and_fixed_for_evaluation() -> 
     other_seed = DigitsDataModule(binarize="dynamic", seed=3)
     other_seed.setup()
     assert not torch.equal(epoch(other_seed.test_dataloader()), epoch(module.test_dataloader()))
+
+
+def test_dynamic_noise_has_its_own_seeded_stream_per_epoch_and_process() -> None:
+    """The noise is drawn (in a background thread) from a generator of (seed, epoch, rank):
+    reproducible whatever else draws random numbers, new every epoch, different per process."""
+    data = torch.full((40, 3), 0.5)
+
+    def epochs(seed: int, rank: int = 0, count: int = 2) -> list[Tensor]:
+        loader = TensorLoader(
+            data, 8, transform=DynamicTransform(None, True), seed=seed, rank=rank, world_size=2
+        )
+        return [epoch(loader) for _ in range(count)]
+
+    torch.manual_seed(0)
+    first = epochs(seed=1)
+    torch.manual_seed(123)  # the global generator plays no part
+    torch.rand(10)
+    again = epochs(seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], first[1])
+    assert not torch.equal(first[0], epochs(seed=1, rank=1, count=1)[0])
+    assert not torch.equal(first[0], epochs(seed=2, count=1)[0])
+
+
+def test_an_abandoned_noisy_epoch_leaves_no_thread_behind() -> None:
+    loader = TensorLoader(torch.rand(100, 2), 10, transform=DynamicTransform(None, True))
+    batches = iter(loader)
+    next(batches)
+    batches.close()  # the consumer stops early (e.g. limit_train_batches)
+    assert not [t for t in threading.enumerate() if t.name.startswith("vaeflow-batches")]
 
 
 @pytest.mark.parametrize("dequantize", ["static", "dynamic"])

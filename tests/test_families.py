@@ -102,6 +102,28 @@ def test_likelihood_log_prob_matches_scipy_in_float64(name: str, kwargs: dict) -
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [(name, kwargs) for name, (variants, _) in SCIPY_LIKELIHOODS.items() for kwargs in variants]
+    + [(name, {}) for name in LIKELIHOODS.names() if name not in SCIPY_LIKELIHOODS],
+)
+def test_log_prob_from_outputs_equals_the_distributions(name: str, kwargs: dict) -> None:
+    """The closed form a family may use in training steps is its distribution's log density,
+    for outputs with and without a leading sample dimension."""
+    torch.manual_seed(4)
+    likelihood = bound_likelihood(name, **kwargs).double()
+    for param in likelihood.parameters():
+        param.data.add_(0.3 * torch.randn_like(param))
+    x = likelihood(torch.randn(BATCH, likelihood.num_outputs, dtype=torch.float64)).sample()
+    for shape in ((BATCH,), (3, BATCH)):
+        outputs = torch.randn(*shape, likelihood.num_outputs, dtype=torch.float64)
+        log_prob = likelihood.log_prob(outputs, x)
+        assert log_prob.shape == shape
+        torch.testing.assert_close(
+            log_prob, likelihood(outputs).log_prob(x), rtol=1e-12, atol=1e-10
+        )
+
+
 def test_gaussian_learned_variance_is_trainable_and_floored() -> None:
     likelihood = bound_likelihood("gaussian", variance="per_dimension", std=0.5, min_std=0.01)
     assert likelihood.raw_std.shape == EVENT_SHAPE

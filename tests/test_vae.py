@@ -2,6 +2,7 @@
 
 import functools
 import math
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -294,3 +295,23 @@ def test_two_processes_write_the_latent_codes_of_one(tmp_path) -> None:
     assert one.shape == (359, 3)
     torch.testing.assert_close(two, one)
     assert not list((tmp_path / "two").glob("latents_rank*.pt"))
+
+
+def test_the_latent_code_writer_is_attached_for_predict_only(tmp_path) -> None:
+    from vaeflow.callbacks import LatentCodeWriter
+
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(VAE((64,), latent_dim=2), DigitsDataModule())
+    assert not any(isinstance(c, LatentCodeWriter) for c in trainer.callbacks)
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_the_nvml_cuda_check_is_dropped_only_without_a_gpu(monkeypatch, gpus: int) -> None:
+    """Lightning's NVML-based availability check re-opens NVML at every Adam step when there is
+    no GPU; it is kept where a GPU could be initialised by mistake."""
+    from vaeflow import models
+
+    monkeypatch.setenv(models.NVML_CHECK, "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    models._plain_cuda_check_without_gpu()
+    assert (models.NVML_CHECK in os.environ) == bool(gpus)

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 #: The file ``vaeflow predict`` writes into the run folder.
@@ -48,3 +49,9 @@ class LatentCodeWriter(BasePredictionWriter):
             for path in shares:
                 path.unlink()
         trainer.strategy.barrier()
+
+
+def prediction_callbacks(trainer: Trainer) -> list[Callback]:
+    """The models' own callbacks: the latent-code writer, when predicting only (every callback
+    costs a few microseconds at each of a training step's hooks)."""
+    return [LatentCodeWriter()] if trainer.state.fn == TrainerFn.PREDICTING else []

@@ -32,12 +32,14 @@ class Prior(nn.Module):
 
     def kl(self, posterior: Distribution, samples: Tensor) -> Tensor:
         """KL(q || p) per example: analytic where registered, else the mean over ``samples``
-        (drawn from ``posterior``, shape ``(L, *batch, latent_dim)``) of log q - log p."""
+        (drawn from ``posterior``, shape ``(*sample_shape, *batch, latent_dim)``) of
+        log q - log p."""
         prior = self()
         try:
             return kl_divergence(posterior, prior)
         except NotImplementedError:
-            return (posterior.log_prob(samples) - prior.log_prob(samples)).mean(0)
+            log_ratio = posterior.log_prob(samples) - prior.log_prob(samples)
+            return mean_over_samples(log_ratio, posterior)
 
     def has_analytic_kl(self, posterior: Distribution) -> bool:
         """Whether ``kl_divergence`` has a closed form for this posterior and prior."""
@@ -46,6 +48,13 @@ class Prior(nn.Module):
         except NotImplementedError:
             return False
         return True
+
+
+def mean_over_samples(values: Tensor, posterior: Distribution) -> Tensor:
+    """The mean of ``values`` (``(*sample_shape, *posterior.batch_shape)``) over the samples;
+    ``values`` itself when they were drawn without a sample shape."""
+    sample_dims = values.dim() - len(posterior.batch_shape)
+    return values.flatten(0, sample_dims - 1).mean(0) if sample_dims else values
 
 
 class StandardNormal(Normal):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from vaeflow.callbacks import LatentCodeWriter
+from vaeflow.callbacks import prediction_callbacks
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.models.fa_math import (
     CHUNK_ROWS,
@@ -197,7 +197,8 @@ class FactorAnalysis(LightningModule):
 
     @override
     def configure_callbacks(self) -> list[Callback]:
-        return [LatentCodeWriter()]
+        """``vaeflow predict`` writes the latent codes (posterior means) to ``latents.pt``."""
+        return prediction_callbacks(self.trainer)
 
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:

@@ -20,13 +20,13 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
-from vaeflow.callbacks import LatentCodeWriter
+from vaeflow.callbacks import prediction_callbacks
 from vaeflow.errors import ConfigError
 from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood
 from vaeflow.metrics import EpochMeans
 from vaeflow.nets import MLP, NetFactory
-from vaeflow.priors import Prior
+from vaeflow.priors import Prior, mean_over_samples
 from vaeflow.registry import LIKELIHOODS, PRIORS
 
 Estimator = Literal["analytic_kl", "monte_carlo", "importance_weighted"]
@@ -113,10 +113,15 @@ class VAE(LightningModule):
         return Independent(Normal(loc, F.softplus(raw_scale) + 1e-6, validate_args=False), 1)
 
     def decode(self, z: Tensor) -> Distribution:
-        """p(x | z), batched over the leading dimensions of ``z`` (samples, examples), which
-        the decoder sees as one batch dimension."""
+        """p(x | z), batched over the leading dimensions of ``z`` (samples, examples)."""
+        return self.likelihood(self.decoder_outputs(z))
+
+    def decoder_outputs(self, z: Tensor) -> Tensor:
+        """The decoder's outputs for ``z``, whose leading dimensions it sees as one batch."""
+        if z.dim() == 2:  # (examples, latent_dim) already
+            return self.decoder(z)
         outputs = self.decoder(z.reshape(-1, self.latent_dim))
-        return self.likelihood(outputs.reshape(*z.shape[:-1], -1))
+        return outputs.reshape(*z.shape[:-1], -1)
 
     def elbo_terms(
         self, x: Tensor, num_samples: int = 1, estimator: Estimator = "analytic_kl"
@@ -127,13 +132,15 @@ class VAE(LightningModule):
         as the reconstruction term; with ``analytic_kl`` it is closed-form where registered.
         """
         posterior = self.encode(x)
-        z = posterior.rsample((num_samples,))
-        reconstruction = self.decode(z).log_prob(x).mean(0)
+        # One sample needs no sample dimension, nor a mean over it (a few percent of a small
+        # model's step on the CPU).
+        z = posterior.rsample((num_samples,) if num_samples > 1 else ())
+        log_px = self.likelihood.log_prob(self.decoder_outputs(z), x)
+        reconstruction = mean_over_samples(log_px, posterior)
         if estimator == "analytic_kl":
             kl = self.prior.kl(posterior, z)
         else:
-            prior = self.prior()
-            kl = (posterior.log_prob(z) - prior.log_prob(z)).mean(0)
+            kl = mean_over_samples(posterior.log_prob(z) - self.prior().log_prob(z), posterior)
         return reconstruction - kl, reconstruction, kl
 
     def elbo(self, x: Tensor, num_samples: int = 1) -> Tensor:
@@ -150,7 +157,8 @@ class VAE(LightningModule):
         posterior = self.encode(x)
         shape = (num_samples,)
         z = posterior.rsample(shape) if reparameterized else posterior.sample(shape)
-        return self.decode(z).log_prob(x) + self.prior().log_prob(z) - posterior.log_prob(z)
+        log_px = self.likelihood.log_prob(self.decoder_outputs(z), x)
+        return log_px + self.prior().log_prob(z) - posterior.log_prob(z)
 
     def log_likelihood(self, x: Tensor, num_samples: int = 1000, chunk_size: int = 250) -> Tensor:
         """Importance-weighted estimate of log p(x) per example, ``(N,)``.
@@ -182,8 +190,8 @@ class VAE(LightningModule):
             bound = (weights.logsumexp(0) - math.log(self.num_samples)).mean()
             return -bound, {"iw_bound": bound}
         _, reconstruction, kl = self.elbo_terms(x, self.num_samples, self.estimator)
-        loss = (self.beta * kl - reconstruction).mean()
-        return loss, {"reconstruction": reconstruction.mean(), "kl": kl.mean()}
+        reconstruction, kl = reconstruction.mean(), kl.mean()
+        return self.beta * kl - reconstruction, {"reconstruction": reconstruction, "kl": kl}
 
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -274,7 +282,7 @@ class VAE(LightningModule):
     @override
     def configure_callbacks(self) -> list[Callback]:
         """``vaeflow predict`` writes the latent codes (posterior means) to ``latents.pt``."""
-        return [LatentCodeWriter()]
+        return prediction_callbacks(self.trainer)
 
     @override
     def setup(self, stage: str) -> None:
