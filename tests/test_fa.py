@@ -216,6 +216,19 @@ def test_streaming_and_moments_reach_the_same_fit() -> None:
     assert ll["moments"].item() == pytest.approx(ll["streaming"].item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("method", ["moments", "streaming"])
+def test_mixed_precision_training_leaves_em_in_float64(method: str) -> None:
+    """Under bf16 autocast the E-step sums and the M-step still run in float64: the fit equals
+    the full-precision one to float64 round-off, not to bf16's three digits."""
+    data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2)
+    kwargs = dict(method=method, max_iter=5, tol=0.0)
+    full = fitted(data, **kwargs)
+    mixed = FactorAnalysis(data.dims, latent_dim=2, **kwargs)
+    trainer(precision="bf16-mixed").fit(mixed, datamodule=data)
+    assert mixed.loadings.dtype == F64
+    torch.testing.assert_close(covariance(mixed), covariance(full), rtol=1e-10, atol=1e-12)
+
+
 # -- recovery and parity ------------------------------------------------------------------------
 
 
