@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -29,10 +28,10 @@ class TensorLoader:
     (their sizes differ by at most one example), so collective operations stay paired. Without
     shuffling, batches are views of the stored tensor.
 
-    Per-batch noise (``transform``) is drawn in a background thread, one batch ahead, while the
-    model steps on the current one, from a generator of its own seeded by (``seed``, epoch,
-    ``rank``): the draws do not depend on what else consumes random numbers, and the torch
-    kernels that make them release the GIL.
+    Per-batch noise (``transform``) is drawn from a generator of its own, seeded by (``seed``,
+    epoch, ``rank``): the draws do not depend on what else consumes random numbers. (Drawing it
+    in a background thread, one batch ahead, was measured: its OpenMP team competes with the
+    model's for the two cores and made whole epochs up to 1.7x slower.)
 
     Args:
         data: the examples, ``(N, *dims)``.
@@ -86,28 +85,15 @@ class TensorLoader:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(size, generator=generator)[start:stop]
 
-        def batch(low: int, high: int) -> Tensor:
+        noise = None
+        if self.transform is not None:
+            noise = torch.Generator().manual_seed(noise_seed(self.seed, epoch, self.rank))
+        for low, high in itertools.pairwise(edges):
             if order is None:  # a view: no copy at all
-                return self.data[start + low : start + high]
-            return self.data[order[low:high]]
-
-        if self.transform is None:
-            for low, high in itertools.pairwise(edges):
-                yield batch(low, high)
-            return
-        noise = torch.Generator().manual_seed(noise_seed(self.seed, epoch, self.rank))
-        transform = self.transform
-
-        def noisy_batch(low: int, high: int) -> Tensor:
-            return transform(batch(low, high), noise)
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaeflow-batches") as pool:
-            futures = (pool.submit(noisy_batch, *pair) for pair in itertools.pairwise(edges))
-            pending = next(futures, None)
-            while pending is not None:
-                upcoming = next(futures, None)  # submitted before this batch is handed out
-                yield pending.result()
-                pending = upcoming
+                batch = self.data[start + low : start + high]
+            else:
+                batch = self.data[order[low:high]]
+            yield batch if self.transform is None else self.transform(batch, noise)
 
 
 def noise_seed(*entropy: int) -> int:
