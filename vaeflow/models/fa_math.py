@@ -19,7 +19,7 @@ from scipy.linalg.blas import dsyrk
 from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
-LOG_2PI = math.log(2 * math.pi)
+from vaeflow.likelihoods import LOG_2PI
 
 #: Flops per EM iteration under which EM on the covariance runs on one thread.
 SMALL_WORK = 1e8

@@ -118,8 +118,6 @@ class VAE(LightningModule):
 
     def decoder_outputs(self, z: Tensor) -> Tensor:
         """The decoder's outputs for ``z``, whose leading dimensions it sees as one batch."""
-        if z.dim() == 2:  # (examples, latent_dim) already
-            return self.decoder(z)
         outputs = self.decoder(z.reshape(-1, self.latent_dim))
         return outputs.reshape(*z.shape[:-1], -1)
 
