@@ -121,11 +121,12 @@ class Interleave(Callback):
         self._last = 0.0
         self._elapsed = 0.0
         self._pending = 0
+        self._done = 0
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.vaeflow_chunks.append([])
         self.hand_chunks.append([])
-        self._elapsed, self._pending = 0.0, 0
+        self._elapsed, self._pending, self._done = 0.0, 0, 0
         self._last = time.perf_counter()
 
     def on_train_batch_end(
@@ -133,8 +134,10 @@ class Interleave(Callback):
     ) -> None:
         now = time.perf_counter()
         self._elapsed += now - self._last
-        self._pending += 1
-        if self._pending == self.chunk or batch_idx + 1 == trainer.num_training_batches:
+        # with steps_per_call > 1 a call takes several steps; batch_idx is the last one's
+        self._pending += batch_idx + 1 - self._done
+        self._done = batch_idx + 1
+        if self._pending >= self.chunk or self._done == trainer.num_training_batches:
             self.vaeflow_chunks[-1].append(self._elapsed)
             start = time.perf_counter()
             self.hand.steps(self._pending)

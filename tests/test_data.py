@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import pickle
 import tarfile
 from collections.abc import Callable, Iterator
@@ -35,9 +36,14 @@ def epoch(loader: TensorLoader) -> Tensor:
     return torch.cat(list(loader))
 
 
+NOISE_SEEDS = itertools.count()
+
+
 def whole(loader: TensorLoader) -> Tensor:
-    """Every example of the loader in its stored order, with its per-batch noise applied."""
-    return loader.data if loader.transform is None else loader.transform(loader.data)
+    """Every example of the loader in its stored order, with fresh per-batch noise applied."""
+    if loader.transform is None:
+        return loader.data
+    return loader.transform(loader.data, np.random.default_rng(next(NOISE_SEEDS)))
 
 
 # -- torchvision data sets ---------------------------------------------------------------------
@@ -282,7 +288,7 @@ def test_validation_split_reproducible_and_disjoint(numbered: Path) -> None:
 
 def test_binarize_draws_bernoulli_variables() -> None:
     probabilities = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]).repeat(40_000, 1)
-    draws = binarize(probabilities, torch.Generator().manual_seed(0))
+    draws = binarize(probabilities, np.random.default_rng(0))
     assert set(draws.unique().tolist()) == {0.0, 1.0}
     # 40,000 draws each: the standard error of a frequency is at most 0.0025
     torch.testing.assert_close(draws.mean(0), probabilities[0], rtol=0, atol=0.01)

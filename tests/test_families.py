@@ -178,7 +178,9 @@ def test_prior_shapes_sampling_and_kl(name: str) -> None:
     assert ((kl - log_ratio.mean(0)).abs() < 5 * stderr).all()
 
 
-def test_the_standard_normal_kl_shortcut_equals_the_general_gaussian_kl() -> None:
+def test_the_standard_normal_kl_shortcuts_equal_the_general_gaussian_kl() -> None:
+    """The registered KL(Normal || StandardNormal) and the prior's direct path from a diagonal
+    Gaussian posterior both equal torch's general Gaussian-to-Gaussian KL."""
     from torch.distributions.kl import _kl_normal_normal
 
     from vaeflow.priors import StandardNormal
@@ -187,12 +189,16 @@ def test_the_standard_normal_kl_shortcut_equals_the_general_gaussian_kl() -> Non
         torch.randn(5, 3, dtype=torch.float64), torch.rand(5, 3, dtype=torch.float64) + 0.1
     )
     prior = StandardNormal(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    general = _kl_normal_normal(posterior, prior)
+    exact = dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(
-        torch.distributions.kl_divergence(posterior, prior),
-        _kl_normal_normal(posterior, prior),
-        rtol=1e-12,
-        atol=1e-12,
+        torch.distributions.kl_divergence(posterior, prior), general, **exact
     )
+    standard_normal = PRIORS.build("standard_normal")
+    standard_normal.bind(3)
+    diagonal = torch.distributions.Independent(posterior, 1)
+    direct = standard_normal.kl(diagonal, diagonal.sample())
+    torch.testing.assert_close(direct, general.sum(-1), **exact)
 
 
 @pytest.mark.parametrize("name", SCIPY_PRIORS)

@@ -8,11 +8,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy import stats
 from torch import nn
 
 from vaeflow.data import DigitsDataModule
-from vaeflow.errors import DataError
+from vaeflow.errors import ConfigError, DataError
 from vaeflow.likelihoods import GaussianLikelihood
 from vaeflow.models import VAE
 
@@ -295,6 +296,55 @@ def test_two_processes_write_the_latent_codes_of_one(tmp_path) -> None:
     assert one.shape == (359, 3)
     torch.testing.assert_close(two, one)
     assert not list((tmp_path / "two").glob("latents_rank*.pt"))
+
+
+def fit_digits(tmp_path: Path, steps_per_call: int, training: str, **trainer_kwargs):
+    """A small VAE fitted on dynamically binarised digits (21 batches of 64 per epoch)."""
+    pl.seed_everything(0)
+    model = VAE((64,), latent_dim=3, training=training, steps_per_call=steps_per_call)
+    trainer = make_trainer(tmp_path, **trainer_kwargs)
+    trainer.fit(model, DigitsDataModule(batch_size=64, binarize="dynamic"))
+    return model, trainer
+
+
+@pytest.mark.parametrize(
+    ("training", "trainer_kwargs"),
+    [
+        ("joint", {"max_epochs": 2}),  # 21 batches: the epoch ends inside a call of 4
+        ("joint", {"max_epochs": 2, "max_steps": 7}),  # max_steps inside a call
+        ("alternating", {"max_epochs": 1, "limit_train_batches": 6}),
+    ],
+)
+def test_several_steps_per_call_take_the_steps_of_one(tmp_path, training, trainer_kwargs) -> None:
+    """Same batches, noise, steps and metrics: only Lightning's calls are grouped."""
+    one, one_trainer = fit_digits(tmp_path / "one", 1, training, **trainer_kwargs)
+    four, four_trainer = fit_digits(tmp_path / "four", 4, training, **trainer_kwargs)
+    assert four_trainer.global_step == one_trainer.global_step > 0
+    assert "train/elbo" in one_trainer.callback_metrics
+    assert four_trainer.fit_loop.epoch_loop.batch_progress.current.ready < (
+        one_trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    )  # fewer calls
+    for key, value in one.state_dict().items():
+        torch.testing.assert_close(four.state_dict()[key], value, rtol=0, atol=0)
+    assert four_trainer.callback_metrics == one_trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    [
+        {"val_check_interval": 5},
+        {"val_check_interval": 0.5},
+        {"enable_checkpointing": True, "callbacks": [ModelCheckpoint(every_n_train_steps=10)]},
+    ],
+)
+def test_several_steps_per_call_refuse_what_counts_calls(tmp_path, trainer_kwargs) -> None:
+    with pytest.raises(ConfigError, match="steps_per_call: 1"):
+        fit_digits(tmp_path, 4, "joint", **trainer_kwargs)
+
+
+def test_several_steps_per_call_validate_on_a_time_interval(tmp_path) -> None:
+    _, trainer = fit_digits(tmp_path, 4, "joint", max_epochs=1, val_check_interval="00:00:10:00")
+    assert "val/elbo" in trainer.callback_metrics
 
 
 def test_the_latent_code_writer_is_attached_for_predict_only(tmp_path) -> None:
