@@ -11,8 +11,10 @@ What is timed: for vaeflow, each training step from one ``on_train_batch_end`` t
 first from ``on_train_epoch_start``): Lightning's loop, data fetching, the step, backward,
 optimiser, logging and progress bar. Validation, checkpointing and epoch-end logging come after
 the last step; they are reported apart. For the hand loop, its steps, shuffling included.
-Epoch 0 is warm-up. The ratio compares median chunk times (robust to bursts of load from other
-processes on a shared machine); the summed epoch times are printed beside it.
+Epoch 0 is warm-up. The ratio is the median over chunks of vaeflow's chunk time over the hand
+loop's chunk right after it: each pair runs the same steps under the same load, so drifts in the
+machine's speed (other processes on a shared machine) cancel. Median ms/step of each and the
+summed epoch times are printed beside it.
 
     python benchmarks/vae_mnist.py --data-root /tmp/vaeflow_data --epochs 3
     python benchmarks/vae_mnist.py --data-root /tmp/vaeflow_data -- --trainer.max_time=00:00:10:00
@@ -116,6 +118,8 @@ class Interleave(Callback):
         #: per epoch, the seconds of each chunk of steps: vaeflow's and the hand loop's.
         self.vaeflow_chunks: list[list[float]] = []
         self.hand_chunks: list[list[float]] = []
+        #: per epoch, the steps of each chunk (the same for both).
+        self.chunk_steps: list[list[int]] = []
         #: per epoch, seconds from the end of the last step to ``on_train_epoch_end``.
         self.untimed: list[float] = []
         self._last = 0.0
@@ -126,6 +130,7 @@ class Interleave(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.vaeflow_chunks.append([])
         self.hand_chunks.append([])
+        self.chunk_steps.append([])
         self._elapsed, self._pending, self._done = 0.0, 0, 0
         self._last = time.perf_counter()
 
@@ -139,6 +144,7 @@ class Interleave(Callback):
         self._done = batch_idx + 1
         if self._pending >= self.chunk or self._done == trainer.num_training_batches:
             self.vaeflow_chunks[-1].append(self._elapsed)
+            self.chunk_steps[-1].append(self._pending)
             start = time.perf_counter()
             self.hand.steps(self._pending)
             self.hand_chunks[-1].append(time.perf_counter() - start)
@@ -150,10 +156,21 @@ class Interleave(Callback):
         self.hand.finish()
 
 
-def summarise(chunks: list[list[float]]) -> tuple[list[float], float]:
-    """Summed seconds of each epoch, and the median chunk's seconds after warm-up."""
-    timed = chunks[1:] if len(chunks) > 1 else chunks
-    return [sum(epoch) for epoch in chunks], statistics.median(c for e in timed for c in e)
+def after_warm_up(per_epoch: list[list[float]]) -> list[float]:
+    """The values of epochs 1.. (all of them when there is one epoch)."""
+    return [value for epoch in (per_epoch[1:] or per_epoch) for value in epoch]
+
+
+def summarise(timer: Interleave) -> tuple[float, float, float]:
+    """Median ms per step of vaeflow and of the hand loop, and the median paired ratio."""
+    steps = after_warm_up(timer.chunk_steps)
+    vaeflow = after_warm_up(timer.vaeflow_chunks)
+    hand = after_warm_up(timer.hand_chunks)
+    return (
+        statistics.median(1e3 * s / n for s, n in zip(vaeflow, steps, strict=True)),
+        statistics.median(1e3 * s / n for s, n in zip(hand, steps, strict=True)),
+        statistics.median(v / h for v, h in zip(vaeflow, hand, strict=True)),
+    )
 
 
 def main() -> None:
@@ -193,9 +210,7 @@ def main() -> None:
     trainer.fit(model, datamodule)
 
     steps = trainer.num_training_batches
-    vaeflow_epochs, vaeflow_chunk = summarise(timer.vaeflow_chunks)
-    hand_epochs, hand_chunk = summarise(timer.hand_chunks)
-    epochs_per_chunk = steps / args.chunk
+    vaeflow_ms, hand_ms, ratio = summarise(timer)
     print(
         f"\nvae_mnist: {len(datamodule.splits['train'])} training examples, batch "
         f"{datamodule.batch_size}, {steps} steps/epoch, torch {torch.__version__}, "
@@ -207,17 +222,16 @@ def main() -> None:
         f"{type(trainer.progress_bar_callback).__name__}, its logger and checkpointing on "
         f"(validation and checkpointing happen outside the timed steps)"
     )
-    print(f"  summed s per epoch, vaeflow: {[round(s, 3) for s in vaeflow_epochs]}")
-    print(f"  summed s per epoch, hand:    {[round(s, 3) for s in hand_epochs]}")
+    for name, chunks in (("vaeflow", timer.vaeflow_chunks), ("hand", timer.hand_chunks)):
+        print(f"  summed s per epoch, {name + ':':8s} {[round(sum(e), 3) for e in chunks]}")
     print(
-        "epochs 1.. (epoch 0 is warm-up), median chunk scaled to an epoch:\n"
-        f"vaeflow  {vaeflow_chunk * epochs_per_chunk:7.3f} s/epoch "
-        f"({vaeflow_chunk / args.chunk * 1e3:.3f} ms/step)   final train ELBO "
-        f"{float(trainer.callback_metrics['train/elbo']):8.2f} nats\n"
-        f"hand     {hand_chunk * epochs_per_chunk:7.3f} s/epoch "
-        f"({hand_chunk / args.chunk * 1e3:.3f} ms/step)   final train ELBO {hand.elbo:8.2f} nats"
+        "epochs 1.. (epoch 0 is warm-up), median ms per step, as s per epoch:\n"
+        f"vaeflow  {vaeflow_ms * steps / 1e3:7.3f} s/epoch ({vaeflow_ms:.3f} ms/step)   final "
+        f"train ELBO {float(trainer.callback_metrics['train/elbo']):8.2f} nats\n"
+        f"hand     {hand_ms * steps / 1e3:7.3f} s/epoch ({hand_ms:.3f} ms/step)   final "
+        f"train ELBO {hand.elbo:8.2f} nats"
     )
-    print(f"ratio vaeflow/hand {vaeflow_chunk / hand_chunk:.3f} (target <= 1.10)")
+    print(f"ratio vaeflow/hand {ratio:.3f}, median of paired chunks (target <= 1.10)")
     print(
         "vaeflow untimed per epoch (validation, checkpoint, epoch-end logging): "
         f"{statistics.mean(timer.untimed):.3f} s"

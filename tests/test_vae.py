@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from scipy import stats
 from torch import nn
 
@@ -255,13 +256,15 @@ def test_sample_and_predict_shapes(tmp_path) -> None:
 
 
 @pytest.mark.ddp
-def test_two_processes_train_with_unevenly_divisible_data(tmp_path) -> None:
-    """1293 training and 145 validation examples over 2 processes: equal batch counts, no hang."""
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_two_processes_train_with_unevenly_divisible_data(tmp_path, steps_per_call: int) -> None:
+    """1293 training and 145 validation examples over 2 processes: equal batch counts, no hang
+    (with 2 steps per call, the 5 batches per process end inside a call)."""
     pl.seed_everything(0)
     data = DigitsDataModule(batch_size=128, val_fraction=0.1005)
     data.setup()
     assert len(data.splits["train"]) % 2 == 1 and len(data.splits["val"]) % 2 == 1
-    model = VAE((64,), latent_dim=2)
+    model = VAE((64,), latent_dim=2, steps_per_call=steps_per_call)
     trainer = make_trainer(tmp_path, max_epochs=1, strategy="ddp_spawn", devices=2)
     trainer.fit(model, data)
     assert math.isfinite(trainer.callback_metrics["val/elbo"])
@@ -299,10 +302,12 @@ def test_two_processes_write_the_latent_codes_of_one(tmp_path) -> None:
 
 
 def fit_digits(tmp_path: Path, steps_per_call: int, training: str, **trainer_kwargs):
-    """A small VAE fitted on dynamically binarised digits (21 batches of 64 per epoch)."""
+    """A small VAE fitted on dynamically binarised digits (21 batches of 64 per epoch), its
+    metrics written to ``tmp_path/csv/version_0/metrics.csv``."""
     pl.seed_everything(0)
     model = VAE((64,), latent_dim=3, training=training, steps_per_call=steps_per_call)
-    trainer = make_trainer(tmp_path, **trainer_kwargs)
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    trainer = make_trainer(tmp_path, logger=logger, log_every_n_steps=5, **trainer_kwargs)
     trainer.fit(model, DigitsDataModule(batch_size=64, binarize="dynamic"))
     return model, trainer
 
@@ -327,6 +332,9 @@ def test_several_steps_per_call_take_the_steps_of_one(tmp_path, training, traine
     for key, value in one.state_dict().items():
         torch.testing.assert_close(four.state_dict()[key], value, rtol=0, atol=0)
     assert four_trainer.callback_metrics == one_trainer.callback_metrics
+    # the same metrics file: same values at the same steps (the x-axis counts batches)
+    csv = Path("csv/version_0/metrics.csv")
+    assert (tmp_path / "four" / csv).read_text() == (tmp_path / "one" / csv).read_text()
 
 
 @pytest.mark.parametrize(
@@ -340,6 +348,17 @@ def test_several_steps_per_call_take_the_steps_of_one(tmp_path, training, traine
 def test_several_steps_per_call_refuse_what_counts_calls(tmp_path, trainer_kwargs) -> None:
     with pytest.raises(ConfigError, match="steps_per_call: 1"):
         fit_digits(tmp_path, 4, "joint", **trainer_kwargs)
+
+
+def test_several_steps_per_call_resume_from_a_checkpoint(tmp_path) -> None:
+    _, first = fit_digits(tmp_path / "first", 4, "joint", max_epochs=1, enable_checkpointing=True)
+    path = first.checkpoint_callback.best_model_path
+    pl.seed_everything(0)
+    model = VAE((64,), latent_dim=3, steps_per_call=4)
+    trainer = make_trainer(tmp_path / "resumed", max_epochs=2)
+    trainer.fit(model, DigitsDataModule(batch_size=64, binarize="dynamic"), ckpt_path=path)
+    assert trainer.global_step == 2 * 21
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 2 * 21
 
 
 def test_several_steps_per_call_validate_on_a_time_interval(tmp_path) -> None:

@@ -228,16 +228,18 @@ class VAE(LightningModule):
         moved to the device as Lightning moves a batch; stops at the epoch's end and at
         ``max_steps``."""
         trainer = self.trainer
-        for _ in range(self.steps_per_call):
-            if 0 <= trainer.max_steps <= trainer.global_step:
-                return
+        steps = 0
+        while steps < self.steps_per_call and not 0 <= trainer.max_steps <= trainer.global_step:
             try:
                 batch, _, _ = next(dataloader_iter)
             except StopIteration:
-                return
+                break
             batch = trainer.precision_plugin.convert_input(batch)
             batch = self._on_before_batch_transfer(batch)
             self.train_on_batch(trainer.strategy.batch_to_device(batch))
+            steps += 1
+        # The loggers' step (the metrics' x-axis) counts batches; Lightning adds one per call.
+        trainer.fit_loop.epoch_loop._batches_that_stepped += steps - 1
 
     def train_on_batch(self, batch: Tensor) -> None:
         """A step on the whole model, or, alternating, an E-step that moves the encoder with
