@@ -350,6 +350,20 @@ def test_several_steps_per_call_refuse_what_counts_calls(tmp_path, trainer_kwarg
         fit_digits(tmp_path, 4, "joint", **trainer_kwargs)
 
 
+def test_several_steps_per_call_run_the_batch_transfer_hooks_of_the_data(tmp_path) -> None:
+    class CountingDigits(DigitsDataModule):
+        moved = 0
+
+        def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int):
+            self.moved += self.trainer.training
+            return batch
+
+    data = CountingDigits(batch_size=64)
+    model = VAE((64,), latent_dim=2, steps_per_call=4)
+    make_trainer(tmp_path, max_epochs=1, limit_train_batches=6).fit(model, data)
+    assert data.moved == 6
+
+
 def test_several_steps_per_call_resume_from_a_checkpoint(tmp_path) -> None:
     _, first = fit_digits(tmp_path / "first", 4, "joint", max_epochs=1, enable_checkpointing=True)
     path = first.checkpoint_callback.best_model_path

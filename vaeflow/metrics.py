@@ -24,7 +24,7 @@ class EpochMeans:
     def update(self, metrics: dict[str, Tensor], batch_size: int) -> None:
         """Add one batch's means (``metrics``, the same names every batch) over ``batch_size``
         examples: two tensor operations whatever the number of metrics."""
-        values = torch.stack(list(metrics.values())).detach()
+        values = torch.stack([value.detach() for value in metrics.values()])  # no autograd node
         if self.total is None:
             self.names, self.total = list(metrics), values * batch_size
         else:
