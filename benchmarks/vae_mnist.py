@@ -219,6 +219,7 @@ def main() -> None:
     )
     print(
         f"timed: training steps only, interleaved in chunks of {args.chunk} steps; vaeflow with "
+        f"steps_per_call={model.steps_per_call}, "
         f"{type(trainer.progress_bar_callback).__name__}, its logger and checkpointing on "
         f"(validation and checkpointing happen outside the timed steps)"
     )
