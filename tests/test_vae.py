@@ -318,6 +318,7 @@ def fit_digits(tmp_path: Path, steps_per_call: int, training: str, **trainer_kwa
         ("joint", {"max_epochs": 2}),  # 21 batches: the epoch ends inside a call of 4
         ("joint", {"max_epochs": 2, "max_steps": 7}),  # max_steps inside a call
         ("alternating", {"max_epochs": 1, "limit_train_batches": 6}),
+        ("joint", {"max_epochs": 1, "precision": "bf16-mixed"}),  # steps inside autocast
     ],
 )
 def test_several_steps_per_call_take_the_steps_of_one(tmp_path, training, trainer_kwargs) -> None:
