@@ -301,6 +301,16 @@ def test_two_processes_write_the_latent_codes_of_one(tmp_path) -> None:
     assert not list((tmp_path / "two").glob("latents_rank*.pt"))
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    [{"latent_dim": 0}, {"num_samples": 0}, {"eval_samples": -1}, {"steps_per_call": 0}],
+)
+def test_sizes_out_of_range_are_refused(arguments: dict) -> None:
+    ((name, value),) = arguments.items()
+    with pytest.raises(ConfigError, match=f"{name}={value}"):
+        VAE((64,), **arguments)
+
+
 def fit_digits(tmp_path: Path, steps_per_call: int, training: str, **trainer_kwargs):
     """A small VAE fitted on dynamically binarised digits (21 batches of 64 per epoch), its
     metrics written to ``tmp_path/csv/version_0/metrics.csv``."""

@@ -8,16 +8,12 @@ nats per example: summed over data dimensions, averaged over the batch.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
 from torch.optim import Optimizer
@@ -29,25 +25,15 @@ from vaeflow.errors import ConfigError
 from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood
 from vaeflow.metrics import EpochMeans
+from vaeflow.models.steps import SteppedModule
 from vaeflow.nets import MLP, NetFactory
 from vaeflow.priors import Prior, mean_over_samples
 from vaeflow.registry import LIKELIHOODS, PRIORS
 
 Estimator = Literal["analytic_kl", "monte_carlo", "importance_weighted"]
-TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
-
-# Lightning calls a ``training_step`` that takes ``dataloader_iter`` experimental and warns at
-# every fit. vaeflow's (``steps_per_call`` > 1) only calls ``next`` on it and handles what the
-# warnings are about (hooks see the last batch of a call; no gradient accumulation with manual
-# optimisation), so the notices would only alarm users.
-for _notice in (
-    "Found `dataloader_iter` argument in the `training_step`",
-    "You are using the `dataloader_iter` step flavor",
-):
-    warnings.filterwarnings("ignore", message=_notice)
 
 
-class VAE(LightningModule):
+class VAE(SteppedModule):
     """Variational autoencoder with injectable likelihood, prior, encoder and decoder.
 
     Args:
@@ -73,14 +59,10 @@ class VAE(LightningModule):
             the decoder, likelihood and prior with the encoder fixed (one optimiser each).
         gradient_clip_val: clip the gradient norm to this value (the VAE steps its optimisers
             itself, so Trainer(gradient_clip_val) does not apply; set it here).
-        steps_per_call: training steps (batches) per call of Lightning's training loop, as
-            Keras's ``steps_per_execution``. Lightning spends a fixed fraction of a millisecond
-            on each call (loop, hooks, callbacks), which is 10-20% of a small model's step on
-            the CPU; with k steps per call it is paid once per k batches. The steps, their
-            batches and their noise are those of ``steps_per_call: 1``; what changes is that
-            ``on_train_batch_start``/``end`` hooks run once per call. Mid-epoch validation
-            (``val_check_interval``) and step-wise checkpoints (``every_n_train_steps``) count
-            calls, so they are refused with k > 1.
+        steps_per_call: training steps (batches) per call of Lightning's training step, as
+            Keras's ``steps_per_execution``: Lightning's per-call cost (loop, hooks, callbacks)
+            is 10-20% of a small model's step on the CPU. Same steps and results as 1; see
+            :class:`~vaeflow.models.steps.SteppedModule` for what changes.
     """
 
     def __init__(
@@ -101,13 +83,12 @@ class VAE(LightningModule):
         gradient_clip_val: float | None = None,
         steps_per_call: int = 1,
     ) -> None:
-        super().__init__()
+        super().__init__(steps_per_call)
         save_plain_hyperparameters(self)
-        if min(latent_dim, num_samples, steps_per_call) < 1 or eval_samples < 0:
+        if latent_dim < 1 or num_samples < 1 or eval_samples < 0:
             raise ConfigError(
-                "latent_dim, num_samples and steps_per_call must be positive and eval_samples "
-                f"non-negative; got latent_dim={latent_dim}, num_samples={num_samples}, "
-                f"steps_per_call={steps_per_call}, eval_samples={eval_samples}"
+                "latent_dim and num_samples must be positive and eval_samples non-negative; got "
+                f"latent_dim={latent_dim}, num_samples={num_samples}, eval_samples={eval_samples}"
             )
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
@@ -125,15 +106,8 @@ class VAE(LightningModule):
         self.lr_scheduler = lr_scheduler
         self.training_mode = training
         self.gradient_clip_val = gradient_clip_val
-        self.steps_per_call = steps_per_call
-        if steps_per_call > 1:
-            # Lightning hands a step whose signature names ``dataloader_iter`` the iterator
-            # over the batches, instead of one batch.
-            self.training_step = self._training_steps
-        # Steps are taken by hand: cheaper than Lightning's closure on small models, and
-        # alternating training needs two optimisers.
-        self.automatic_optimization = False
-        self._hooked_transfer = True
+        # Steps are taken by hand (SteppedModule): cheaper than Lightning's closure on small
+        # models, and alternating training needs two optimisers.
         self._means = {stage: EpochMeans() for stage in ("train", "val", "test")}
 
     # -- the model --------------------------------------------------------------------------------
@@ -223,30 +197,6 @@ class VAE(LightningModule):
         return self.beta * kl - reconstruction, {"reconstruction": reconstruction, "kl": kl}
 
     @override
-    def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        self.train_on_batch(batch)
-
-    def _training_steps(self, dataloader_iter: Iterator[tuple[Tensor, int, int]]) -> None:
-        """``steps_per_call`` training steps on batches pulled from Lightning's iterator, moved
-        to the device through the batch-transfer hooks where the model or data module
-        customises them; stops at the epoch's end and at ``max_steps``."""
-        trainer = self.trainer
-        steps = 0
-        while steps < self.steps_per_call and not 0 <= trainer.max_steps <= trainer.global_step:
-            try:
-                batch, _, _ = next(dataloader_iter)
-            except StopIteration:
-                break
-            batch = trainer.precision_plugin.convert_input(batch)
-            if self._hooked_transfer:
-                batch = trainer.strategy.batch_to_device(self._on_before_batch_transfer(batch))
-            else:  # as Lightning documents for this step; its hook dispatch costs 2% of a step
-                batch = batch.to(self.device)
-            self.train_on_batch(batch)
-            steps += 1
-        # The loggers' step (the metrics' x-axis) counts batches; Lightning adds one per call.
-        trainer.fit_loop.epoch_loop._batches_that_stepped += steps - 1
-
     def train_on_batch(self, batch: Tensor) -> None:
         """A step on the whole model, or, alternating, an E-step that moves the encoder with
         the rest fixed and then an M-step that moves the rest with the encoder fixed."""
@@ -344,13 +294,7 @@ class VAE(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         for data in getattr(datamodule, "splits", {}).values():
             self.likelihood.check_support(data)
-        if stage == "fit" and self.steps_per_call > 1:
-            check_counts_steps(self.trainer, self.steps_per_call)
-            self._hooked_transfer = any(
-                is_overridden(hook, owner, parent)
-                for owner, parent in ((self, VAE), (datamodule, LightningDataModule))
-                for hook in TRANSFER_HOOKS
-            )
+        super().setup(stage)
 
     @override
     def configure_optimizers(self) -> tuple[list[Optimizer], list[LRScheduler]]:
@@ -366,25 +310,3 @@ class VAE(LightningModule):
         if self.lr_scheduler is None:
             return optimizers, []
         return optimizers, [self.lr_scheduler(optimizer) for optimizer in optimizers]
-
-
-def check_counts_steps(trainer: Trainer, steps_per_call: int) -> None:
-    """Refuse the trainer settings that count calls of the training step as batches: with
-    several steps per call they would fire k times too rarely."""
-    interval = getattr(trainer, "val_check_interval", 1.0)  # absent when given as a time
-    if isinstance(interval, int) or interval != 1.0:
-        raise ConfigError(
-            f"trainer.val_check_interval={interval} validates every so many calls of the "
-            f"training step, and with steps_per_call={steps_per_call} a call takes "
-            f"{steps_per_call} batches. Validate once per epoch (the default), give the interval "
-            "as a time (e.g. '00:00:05:00'), or set model.init_args.steps_per_call: 1"
-        )
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback._every_n_train_steps:
-            raise ConfigError(
-                f"ModelCheckpoint(every_n_train_steps={callback._every_n_train_steps}) checks the "
-                f"step count once per call of the training step, which takes {steps_per_call} "
-                "steps with model.init_args.steps_per_call: "
-                f"{steps_per_call}, so it would miss most multiples. Use every_n_epochs or "
-                "train_time_interval, or set steps_per_call: 1"
-            )
