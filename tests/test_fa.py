@@ -342,6 +342,11 @@ def test_reloads_from_a_checkpoint_alone(tmp_path: Path) -> None:
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", ["moments", "streaming"])
 def test_two_processes_fit_what_one_process_fits(method: str) -> None:
+    """Known rare failure, not vaeflow's (seen about once in 15 runs of ``streaming``): a worker
+    aborts at interpreter exit, after the fit, with "terminate called without an active
+    exception". Its core shows gloo's worker thread destroying a finished all-reduce whose
+    tensor still owns a Python object while the main thread runs ``Py_FinalizeEx``: taking the
+    GIL then exits the thread inside a noexcept destructor (torch 2.15, gloo, ddp_spawn)."""
     # 1800 training examples shard evenly over 2 ranks, so no example is padded in twice
     data = SyntheticFADataModule(num_train=2000, dim=8, latent_dim=2, batch_size=300)
     kwargs = dict(method=method, max_iter=8, tol=0.0)
