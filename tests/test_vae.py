@@ -311,14 +311,20 @@ def test_sizes_out_of_range_are_refused(arguments: dict) -> None:
         VAE((64,), **arguments)
 
 
-def fit_digits(tmp_path: Path, steps_per_call: int, training: str, **trainer_kwargs):
+def fit_digits(
+    tmp_path: Path,
+    steps_per_call: int,
+    training: str,
+    ckpt_path: str | None = None,
+    **trainer_kwargs,
+):
     """A small VAE fitted on dynamically binarised digits (21 batches of 64 per epoch), its
     metrics written to ``tmp_path/csv/version_0/metrics.csv``."""
     pl.seed_everything(0)
     model = VAE((64,), latent_dim=3, training=training, steps_per_call=steps_per_call)
     logger = CSVLogger(tmp_path, name="csv", version=0)
     trainer = make_trainer(tmp_path, logger=logger, log_every_n_steps=5, **trainer_kwargs)
-    trainer.fit(model, DigitsDataModule(batch_size=64, binarize="dynamic"))
+    trainer.fit(model, DigitsDataModule(batch_size=64, binarize="dynamic"), ckpt_path=ckpt_path)
     return model, trainer
 
 
@@ -378,10 +384,7 @@ def test_several_steps_per_call_run_the_batch_transfer_hooks_of_the_data(tmp_pat
 def test_several_steps_per_call_resume_from_a_checkpoint(tmp_path) -> None:
     _, first = fit_digits(tmp_path / "first", 4, "joint", max_epochs=1, enable_checkpointing=True)
     path = first.checkpoint_callback.best_model_path
-    pl.seed_everything(0)
-    model = VAE((64,), latent_dim=3, steps_per_call=4)
-    trainer = make_trainer(tmp_path / "resumed", max_epochs=2)
-    trainer.fit(model, DigitsDataModule(batch_size=64, binarize="dynamic"), ckpt_path=path)
+    _, trainer = fit_digits(tmp_path / "resumed", 4, "joint", ckpt_path=path, max_epochs=2)
     assert trainer.global_step == 2 * 21
     assert trainer.fit_loop.epoch_loop._batches_that_stepped == 2 * 21
 

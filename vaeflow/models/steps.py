@@ -54,6 +54,8 @@ class SteppedModule(LightningModule):
                 f"steps_per_call must be positive; got steps_per_call={steps_per_call}"
             )
         self.steps_per_call = steps_per_call
+        # Steps are taken by hand: cheaper than Lightning's closure on small models, and a
+        # model may take several per batch (the VAE's alternating E- and M-steps).
         self.automatic_optimization = False
         self._hooked_transfer = True
         if steps_per_call > 1:

@@ -106,8 +106,6 @@ class VAE(SteppedModule):
         self.lr_scheduler = lr_scheduler
         self.training_mode = training
         self.gradient_clip_val = gradient_clip_val
-        # Steps are taken by hand (SteppedModule): cheaper than Lightning's closure on small
-        # models, and alternating training needs two optimisers.
         self._means = {stage: EpochMeans() for stage in ("train", "val", "test")}
 
     # -- the model --------------------------------------------------------------------------------
