@@ -7,6 +7,7 @@ size-weighted batch means to running sums here and log once per epoch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -40,3 +41,22 @@ class EpochMeans:
         means = dict(zip(self.names, totals[:-1] / totals[-1], strict=True))
         self.names, self.total, self.count = [], None, 0
         return means
+
+
+def bits_per_dim(log_likelihood: Tensor | float, dims: int, log_scale: float = 0.0) -> Tensor:
+    """Bits per dimension of the data on their original grid, from a log-likelihood in nats per
+    example in the model's units.
+
+    A data module that divides the data by a factor L per dimension (pixels in 0..255 scaled to
+    [0, 1] from L = 256 levels) reports ``log_scale = log L``; a log-density in the model's units
+    is then ``D log L`` nats above the one on the original integer grid, so
+    ``bpd = (-log p(x) + D log L) / (D ln 2)``. Binary data and data left in their own units have
+    ``log_scale = 0`` (DESIGN.md, conventions).
+
+    Args:
+        log_likelihood: log p(x) (or a bound on it) in nats per example.
+        dims: D, the number of values of one example.
+        log_scale: log of the factor the data module divided each value by.
+    """
+    value = torch.as_tensor(log_likelihood)
+    return (dims * log_scale - value) / (dims * math.log(2))
