@@ -1,8 +1,11 @@
 """Likelihood families p(x | z): turn decoder outputs into a distribution over one example.
 
-A family is a small ``nn.Module`` registered by name; the VAE asks it how many decoder outputs it
-needs per data element and gets back a ``torch.distributions.Distribution`` whose event shape is
-one example. Register a new family with ``@register_likelihood("name")`` (or an entry point in the
+A family is a small ``nn.Module`` registered by name. It declares ``num_params``, how many
+parameters each data element has (1 for a Bernoulli's logit, 256 for a 256-way categorical), and
+receives them as one tensor with a trailing parameter axis. The decoder produces
+``output_shape`` numbers per example: the event shape with the parameter axis folded into its
+first (channel) axis, parameters first, so an MLP and a convolutional decoder both fit. Register
+a new family with ``@register_likelihood("name")`` (or an entry point in the
 ``vaeflow.likelihoods`` group) and it works in YAML as ``likelihood: name``.
 """
 
@@ -14,25 +17,39 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import Bernoulli, Distribution, Independent, Normal, constraints
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    ContinuousBernoulli,
+    Distribution,
+    Independent,
+    Laplace,
+    Normal,
+    constraints,
+)
 
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.registry import register_likelihood
 
 LOG_2PI = math.log(2 * math.pi)
+#: levels of 8-bit pixels; data on this grid are ``k / 255`` in [0, 1] (``scale: true``).
+PIXEL_LEVELS = 256
 
 
 class Likelihood(nn.Module):
     """Base class: decoder outputs -> distribution over one example, plus a support check.
 
-    Subclasses set ``params_per_element`` and ``support`` and implement :meth:`distribution`,
-    which receives ``params_per_element`` tensors shaped like the batch of data.
+    Subclasses set ``num_params`` and ``support`` and implement :meth:`distribution`, which
+    receives the parameters as one tensor shaped ``(*batch, *event_shape, num_params)``.
     """
 
-    #: decoder outputs needed per data element (a mean, or a mean and a scale, ...).
-    params_per_element: int = 1
+    #: parameters per data element (a mean; a mean and a scale; 256 logits, ...).
+    num_params: int = 1
     #: the set every data value must lie in.
     support: constraints.Constraint = constraints.real
+    #: True when log p(x | z) is a probability mass on the data's own grid (8-bit pixel levels),
+    #: not a density: bits per dimension then take no offset for the data's scaling.
+    discrete: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,21 +60,29 @@ class Likelihood(nn.Module):
         self.event_shape = tuple(event_shape)
 
     @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of the decoder's output for one example: ``(num_params * C, *rest)`` for an
+        event shape ``(C, *rest)``, the parameter axis outermost."""
+        first, *rest = self.event_shape
+        return (self.num_params * first, *rest)
+
+    @property
     def num_outputs(self) -> int:
-        """How many numbers the decoder must output for one example."""
-        return self.params_per_element * math.prod(self.event_shape)
+        """How many numbers the decoder outputs for one example."""
+        return math.prod(self.output_shape)
+
+    def params(self, outputs: Tensor) -> Tensor:
+        """Flat decoder ``outputs`` ``(*batch, num_outputs)`` -> ``(*batch, *event_shape,
+        num_params)``, the parameter axis last."""
+        shaped = outputs.unflatten(-1, (self.num_params, *self.event_shape))
+        return shaped.movedim(-1 - len(self.event_shape), -1)
 
     def forward(self, outputs: Tensor) -> Distribution:
         """``outputs`` of shape ``(*batch, num_outputs)`` -> distribution with that batch shape."""
-        if self.params_per_element == 1:  # the common case, without a split
-            params = (outputs.unflatten(-1, self.event_shape),)
-        else:
-            shaped = outputs.unflatten(-1, (self.params_per_element, *self.event_shape))
-            params = shaped.unbind(-1 - len(self.event_shape))
-        return Independent(self.distribution(*params), len(self.event_shape))
+        return Independent(self.distribution(self.params(outputs)), len(self.event_shape))
 
-    def distribution(self, *params: Tensor) -> Distribution:
-        """The element-wise distribution for parameters shaped like the data."""
+    def distribution(self, params: Tensor) -> Distribution:
+        """The element-wise distribution for ``params`` of shape ``(*data_shape, num_params)``."""
         raise NotImplementedError
 
     def log_prob(self, outputs: Tensor, x: Tensor) -> Tensor:
@@ -103,8 +128,8 @@ class BernoulliLikelihood(Likelihood):
     support = constraints.unit_interval
     support_hint = "Scale the data to [0, 1] (data option scale: true) or use likelihood: gaussian."
 
-    def distribution(self, logits: Tensor) -> Distribution:
-        return Bernoulli(logits=logits, validate_args=False)
+    def distribution(self, params: Tensor) -> Distribution:
+        return Bernoulli(logits=params[..., 0], validate_args=False)
 
     def log_prob(self, outputs: Tensor, x: Tensor) -> Tensor:
         """Minus the binary cross-entropy, summed over the elements before it is negated."""
@@ -155,7 +180,8 @@ class GaussianLikelihood(Likelihood):
             return self.raw_std
         return self.min_std + F.softplus(self.raw_std)
 
-    def distribution(self, loc: Tensor) -> Distribution:
+    def distribution(self, params: Tensor) -> Distribution:
+        loc = params[..., 0]
         return Normal(loc, self.scale().expand_as(loc), validate_args=False)
 
     def log_prob(self, outputs: Tensor, x: Tensor) -> Tensor:
@@ -164,3 +190,230 @@ class GaussianLikelihood(Likelihood):
         standardised = (self.flat(x) - outputs) / scale
         dim = scale.numel()
         return -0.5 * standardised.square().sum(-1) - scale.log().sum() - 0.5 * dim * LOG_2PI
+
+
+@register_likelihood("laplace")
+class LaplaceLikelihood(Likelihood):
+    """Laplace per element, location and scale from the decoder: an L1 reconstruction loss
+    with a learned, per-pixel uncertainty (heavier tails than a Gaussian).
+
+    Args:
+        min_scale: floor of the scale, so that it cannot collapse onto constant pixels.
+    """
+
+    num_params = 2
+
+    def __init__(self, min_scale: float = 1e-3) -> None:
+        super().__init__()
+        if min_scale <= 0:
+            raise ConfigError(f"laplace likelihood: min_scale must be positive, got {min_scale}")
+        self.min_scale = min_scale
+
+    def distribution(self, params: Tensor) -> Distribution:
+        loc, raw_scale = params.unbind(-1)
+        return Laplace(loc, self.min_scale + F.softplus(raw_scale), validate_args=False)
+
+
+def continuous_bernoulli_log_norm(logits: Tensor) -> Tensor:
+    """log C(lambda) of the continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019), from the
+    logit eta of lambda: C = 2 artanh(1 - 2 lambda) / (1 - 2 lambda) = eta / tanh(eta / 2).
+
+    Written as log|eta| - log tanh(|eta| / 2) with a stable log tanh, and by its series
+    log 2 + eta^2 / 12 - 7 eta^4 / 1440 (error below 1e-18) where |eta| < 1e-3, so that it stays
+    accurate through lambda = 1/2, where the closed form is 0 / 0.
+    """
+    magnitude = logits.abs()
+    near_half = magnitude < 1e-3
+    safe = torch.where(near_half, torch.ones_like(magnitude), magnitude)
+    log_tanh = torch.log(-torch.expm1(-safe)) - torch.log1p(torch.exp(-safe))
+    square = logits.square()
+    series = math.log(2.0) + square / 12 - 7 * square.square() / 1440
+    return torch.where(near_half, series, safe.log() - log_tanh)
+
+
+class StableContinuousBernoulli(ContinuousBernoulli):
+    """torch's continuous Bernoulli with the log density from the logits directly:
+    x eta - softplus(eta) + log C(eta), stable near lambda = 1/2 and at extreme logits."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        logits = self.logits
+        return value * logits - F.softplus(logits) + continuous_bernoulli_log_norm(logits)
+
+
+@register_likelihood("continuous_bernoulli")
+class ContinuousBernoulliLikelihood(Likelihood):
+    """Continuous Bernoulli per element (logits from the decoder): the normalised density on
+    [0, 1] that binary cross-entropy on grey levels is missing (Loaiza-Ganem & Cunningham, 2019).
+    """
+
+    support = constraints.unit_interval
+    support_hint = "Scale the data to [0, 1] (data option scale: true)."
+
+    def distribution(self, params: Tensor) -> Distribution:
+        return StableContinuousBernoulli(logits=params[..., 0], validate_args=False)
+
+    def log_prob(self, outputs: Tensor, x: Tensor) -> Tensor:
+        """Minus the binary cross-entropy plus the log normalising constant, summed."""
+        target = self.flat(x).expand_as(outputs)
+        cross_entropy = F.binary_cross_entropy_with_logits(outputs, target, reduction="none")
+        return (continuous_bernoulli_log_norm(outputs) - cross_entropy).sum(-1)
+
+
+class PixelGrid(constraints.Constraint):
+    """Values ``k / (levels - 1)`` for integers ``0 <= k < levels``: 8-bit pixels scaled to
+    [0, 1] without dequantisation noise."""
+
+    def __init__(self, levels: int) -> None:
+        super().__init__()
+        self.levels = levels
+
+    def check(self, value: Tensor) -> Tensor:
+        scaled = value * (self.levels - 1)
+        return (scaled - scaled.round()).abs().lt(1e-3) & (value >= 0) & (value <= 1)
+
+    def __repr__(self) -> str:
+        return f"PixelGrid(k / {self.levels - 1} for k in 0..{self.levels - 1})"
+
+
+PIXEL_HINT = (
+    "These likelihoods model 8-bit pixels: scale them to [0, 1] (the image data modules do) "
+    "without dequantisation or binarisation (dequantize: none, binarize: none)."
+)
+
+
+def pixel_levels(x: Tensor) -> Tensor:
+    """The integer level 0..255 of each pixel value ``k / 255``."""
+    return x.mul(PIXEL_LEVELS - 1).round().long()
+
+
+class PixelCategorical(Categorical):
+    """A categorical over the pixel values ``k / 255`` (not over the indices k)."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return super().log_prob(pixel_levels(value))
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> Tensor:
+        return super().sample(torch.Size(sample_shape)).to(self.logits.dtype) / (PIXEL_LEVELS - 1)
+
+    @property
+    def mean(self) -> Tensor:
+        values = torch.linspace(
+            0, 1, PIXEL_LEVELS, dtype=self.probs.dtype, device=self.probs.device
+        )
+        return self.probs @ values
+
+
+@register_likelihood("categorical")
+class CategoricalLikelihood(Likelihood):
+    """256-way categorical per pixel (256 logits from the decoder): any distribution over the
+    8-bit levels, a probability mass on the data's own grid (van den Oord et al., 2016)."""
+
+    num_params = PIXEL_LEVELS
+    support = PixelGrid(PIXEL_LEVELS)
+    support_hint = PIXEL_HINT
+    discrete = True
+
+    def distribution(self, params: Tensor) -> Distribution:
+        return PixelCategorical(logits=params, validate_args=False)
+
+
+def log_sigmoid_difference(upper: Tensor, lower: Tensor) -> Tensor:
+    """log(sigmoid(upper) - sigmoid(lower)) for ``upper > lower``, without cancellation: on
+    the side of 0 where both sigmoids are small (sigmoid(a) - sigmoid(b) = sigmoid(-b) -
+    sigmoid(-a)), as log sigmoid(a) + log(1 - exp(log sigmoid(b) - log sigmoid(a)))."""
+    flip = upper + lower > 0
+    upper, lower = torch.where(flip, -lower, upper), torch.where(flip, -upper, lower)
+    log_upper = F.logsigmoid(upper)
+    gap = F.logsigmoid(lower) - log_upper  # < 0
+    log1mexp = torch.where(
+        gap > -math.log(2), torch.log(-torch.expm1(gap)), torch.log1p(-torch.exp(gap))
+    )
+    return log_upper + log1mexp
+
+
+class DiscretizedLogisticMixture(Distribution):
+    """A mixture of logistics discretised to the 256 pixel levels (Salimans et al., 2017,
+    PixelCNN++): level k (value k / 255, at y = 2 k / 255 - 1 in [-1, 1]) has the mass of the
+    bin y +- 1/255 under each logistic, the edge bins extended to -inf (k = 0) and +inf
+    (k = 255), so the masses sum to one.
+
+    Args:
+        logits: mixture logits, ``(*shape, K)``.
+        loc: component locations in [-1, 1] units, ``(*shape, K)``.
+        log_scale: component log scales, ``(*shape, K)``.
+    """
+
+    arg_constraints = {}
+    support = PixelGrid(PIXEL_LEVELS)
+    has_rsample = False
+
+    def __init__(self, logits: Tensor, loc: Tensor, log_scale: Tensor) -> None:
+        self.logits = logits.log_softmax(-1)
+        self.loc = loc
+        self.log_scale = log_scale
+        super().__init__(loc.shape[:-1], validate_args=False)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        half_bin = 1.0 / (PIXEL_LEVELS - 1)
+        y = (2 * value - 1).unsqueeze(-1)
+        inverse_scale = torch.exp(-self.log_scale)
+        upper = (y + half_bin - self.loc) * inverse_scale
+        lower = (y - half_bin - self.loc) * inverse_scale
+        middle = log_sigmoid_difference(upper, lower)
+        bottom, top = F.logsigmoid(upper), F.logsigmoid(-lower)
+        edge = y.expand_as(upper)
+        log_mass = torch.where(
+            edge < -1 + half_bin, bottom, torch.where(edge > 1 - half_bin, top, middle)
+        )
+        return (self.logits + log_mass).logsumexp(-1)
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> Tensor:
+        with torch.no_grad():
+            shape = torch.Size(sample_shape) + self.loc.shape
+            component = Categorical(logits=self.logits).sample(sample_shape).unsqueeze(-1)
+            uniform = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
+            uniform = uniform.clamp(1e-6, 1 - 1e-6)
+            logistic = self.loc + self.log_scale.exp() * (uniform.log() - (-uniform).log1p())
+            y = logistic.gather(-1, component).squeeze(-1).clamp(-1, 1)
+            return ((y + 1) / 2 * (PIXEL_LEVELS - 1)).round() / (PIXEL_LEVELS - 1)
+
+    @property
+    def mean(self) -> Tensor:
+        """The mixture's mean location in [0, 1] (before discretisation and clipping)."""
+        y = (self.logits.exp() * self.loc).sum(-1)
+        return ((y + 1) / 2).clamp(0, 1)
+
+
+@register_likelihood("discretized_logistic")
+class DiscretizedLogisticLikelihood(Likelihood):
+    """Discretised logistic mixture per pixel (PixelCNN++): a mass on the 256 levels with
+    ``components`` logistics, each a location and log scale from the decoder (and a mixture
+    logit when there are several).
+
+    Args:
+        components: logistics per pixel (1: the discretised logistic of Kingma et al., 2016).
+        min_log_scale: floor of the log scales (PixelCNN++ uses -7).
+    """
+
+    support = PixelGrid(PIXEL_LEVELS)
+    support_hint = PIXEL_HINT
+    discrete = True
+
+    def __init__(self, components: int = 1, min_log_scale: float = -7.0) -> None:
+        super().__init__()
+        if components < 1:
+            raise ConfigError(
+                f"discretized_logistic likelihood: components must be positive, got {components}"
+            )
+        self.components = components
+        self.min_log_scale = min_log_scale
+        self.num_params = 3 * components if components > 1 else 2
+
+    def distribution(self, params: Tensor) -> Distribution:
+        k = self.components
+        if k == 1:
+            loc, log_scale = params.unsqueeze(-1).unbind(-2)
+            logits = torch.zeros_like(loc)
+        else:
+            logits, loc, log_scale = params.unflatten(-1, (3, k)).unbind(-2)
+        return DiscretizedLogisticMixture(logits, loc, log_scale.clamp(min=self.min_log_scale))

@@ -1,8 +1,10 @@
 """Encoder and decoder building blocks.
 
-The models receive *factories*: callables ``(input_shape, out_features) -> nn.Module``, so that
-YAML sets the architecture (``class_path`` + ``init_args``) while the model supplies the sizes
-it derives from the data and the likelihood. Any ``nn.Module`` class with that signature works.
+The models receive *factories*: callables ``(input_shape, output_shape) -> nn.Module`` whose
+module maps a batch ``(N, *input_shape)`` to ``(N, *output_shape)``, so that YAML sets the
+architecture (``class_path`` + ``init_args``) while the model supplies the shapes it derives from
+the data and the likelihood (a convolutional decoder needs the image shape, not a count). Any
+``nn.Module`` class with that signature works.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from torch import Tensor, nn
 
 from vaeflow.errors import ConfigError
 
-#: builds a network from the shape of its input and the number of outputs it must produce.
-NetFactory = Callable[[tuple[int, ...], int], nn.Module]
+#: builds a network from the shape of one input example and the shape of one output.
+NetFactory = Callable[[tuple[int, ...], tuple[int, ...]], nn.Module]
 
 
 def activation_class(name: str) -> type[nn.Module]:
@@ -31,11 +33,11 @@ def activation_class(name: str) -> type[nn.Module]:
 
 
 class MLP(nn.Module):
-    """Fully connected network; flattens each input example, outputs ``out_features`` numbers.
+    """Fully connected network; flattens each input example, outputs ``output_shape``.
 
     Args:
         input_shape: shape of one input example (filled in by the model).
-        out_features: outputs per example (filled in by the model).
+        output_shape: shape of one output (filled in by the model).
         hidden: widths of the hidden layers.
         activation: a ``torch.nn`` activation name, applied after every hidden layer.
     """
@@ -43,19 +45,120 @@ class MLP(nn.Module):
     def __init__(
         self,
         input_shape: tuple[int, ...],
-        out_features: int,
+        output_shape: tuple[int, ...],
         hidden: Sequence[int] = (200, 200),
         activation: str = "Tanh",
     ) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
+        self.output_shape = tuple(output_shape)
         act = activation_class(activation)
         widths = [math.prod(self.input_shape), *hidden]
         layers: list[nn.Module] = []
         for width_in, width_out in itertools.pairwise(widths):
             layers += [nn.Linear(width_in, width_out), act()]
-        layers.append(nn.Linear(widths[-1], out_features))
+        layers.append(nn.Linear(widths[-1], math.prod(self.output_shape)))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x.flatten(-len(self.input_shape)))
+        return self.layers(x.flatten(-len(self.input_shape))).unflatten(-1, self.output_shape)
+
+
+def image_shape(shape: tuple[int, ...], strides: int, role: str) -> tuple[int, int, int]:
+    """``shape`` as (channels, height, width), each side divisible by ``2 ** strides``."""
+    factor = 2**strides
+    if len(shape) != 3 or shape[1] % factor or shape[2] % factor:
+        raise ConfigError(
+            f"a convolutional {role} needs images (channels, height, width) with sides divisible "
+            f"by {factor} ({strides} stride-2 layers), e.g. (1, 28, 28) or (3, 32, 32); got "
+            f"{tuple(shape)}. Keep the images unflattened (data option flatten: false)"
+        )
+    return shape[0], shape[1], shape[2]
+
+
+class ConvEncoder(nn.Module):
+    """Convolutional encoder: stride-2 4x4 convolutions halve the image ``len(channels)`` times
+    (28 -> 14 -> 7, 32 -> 16 -> 8), then a hidden linear layer and the output layer.
+
+    Args:
+        input_shape: (channels, height, width) of one image (filled in by the model).
+        output_shape: shape of one output (filled in by the model).
+        channels: output channels of each convolution.
+        hidden: width of the linear layer after the convolutions.
+        activation: a ``torch.nn`` activation name.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        output_shape: tuple[int, ...],
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 256,
+        activation: str = "ReLU",
+    ) -> None:
+        super().__init__()
+        in_channels, height, width = image_shape(tuple(input_shape), len(channels), "encoder")
+        self.input_shape = tuple(input_shape)
+        self.output_shape = tuple(output_shape)
+        act = activation_class(activation)
+        layers: list[nn.Module] = []
+        for c_in, c_out in itertools.pairwise([in_channels, *channels]):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), act()]
+        side = 2 ** len(channels)
+        features = channels[-1] * (height // side) * (width // side)
+        layers += [nn.Flatten(), nn.Linear(features, hidden), act()]
+        layers.append(nn.Linear(hidden, math.prod(self.output_shape)))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = x.shape[: x.dim() - len(self.input_shape)]
+        images = x.reshape(-1, *self.input_shape)
+        return self.layers(images).reshape(*batch, *self.output_shape)
+
+
+class ConvDecoder(nn.Module):
+    """Convolutional decoder, the mirror of :class:`ConvEncoder`: a hidden linear layer, a
+    linear map to ``channels[0]`` feature maps at 1 / 2^len(channels) of the image size, then
+    stride-2 4x4 transposed convolutions up to the output's (channels, height, width).
+
+    Args:
+        input_shape: shape of one latent code (filled in by the model).
+        output_shape: (channels, height, width) of one output (filled in by the model).
+        channels: input channels of each transposed convolution.
+        hidden: width of the first linear layer.
+        activation: a ``torch.nn`` activation name.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        output_shape: tuple[int, ...],
+        channels: Sequence[int] = (64, 32),
+        hidden: int = 256,
+        activation: str = "ReLU",
+    ) -> None:
+        super().__init__()
+        out_channels, height, width = image_shape(tuple(output_shape), len(channels), "decoder")
+        self.input_shape = tuple(input_shape)
+        self.output_shape = tuple(output_shape)
+        act = activation_class(activation)
+        side = 2 ** len(channels)
+        start = (channels[0], height // side, width // side)
+        layers: list[nn.Module] = [
+            nn.Linear(math.prod(self.input_shape), hidden),
+            act(),
+            nn.Linear(hidden, math.prod(start)),
+            act(),
+            nn.Unflatten(-1, start),
+        ]
+        widths = [*channels, out_channels]
+        for i, (c_in, c_out) in enumerate(itertools.pairwise(widths)):
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+            if i < len(channels) - 1:
+                layers.append(act())
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        batch = z.shape[: z.dim() - len(self.input_shape)]
+        codes = z.reshape(-1, math.prod(self.input_shape))
+        return self.layers(codes).reshape(*batch, *self.output_shape)

@@ -1,65 +1,66 @@
 """Priors p(z), and their KL divergence to an approximate posterior q(z | x).
 
-The KL goes through ``torch.distributions.kl_divergence`` (and its ``register_kl`` dispatch)
-where an analytic form exists, and falls back to a Monte-Carlo estimate from the posterior's own
-samples otherwise. Register new priors with ``@register_prior("name")`` or the entry-point group
-``vaeflow.priors``.
+A prior is bound with the model's context (:class:`PriorContext`: the latent size, the shape of
+one example and the model's encoder), so that priors built from the model, such as the
+VampPrior, are ordinary registered priors. The KL has one path, :func:`kl_or_estimate`:
+``torch.distributions.kl_divergence`` (and its ``register_kl`` dispatch) where an analytic form
+exists, else :func:`monte_carlo_kl` from the posterior's own samples. Register new priors with
+``@register_prior("name")`` or the entry-point group ``vaeflow.priors``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, Normal, kl_divergence, register_kl
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    Normal,
+    kl_divergence,
+    register_kl,
+)
 
+from vaeflow.errors import ConfigError
 from vaeflow.registry import register_prior
 
 
-class Prior(nn.Module):
-    """Base class: a distribution over the latent vector (event shape ``(latent_dim,)``)."""
+@dataclass(frozen=True)
+class PriorContext:
+    """What a prior may depend on in the model it belongs to.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.latent_dim = 0
+    Args:
+        latent_dim: dimension of z.
+        input_shape: shape of one example x.
+        encode: the model's q(z | x), a batch of examples -> a distribution over z.
+    """
 
-    def bind(self, latent_dim: int) -> None:
-        """Fix the latent dimension; called once by the model (creates learned parameters)."""
-        self.latent_dim = latent_dim
-
-    def forward(self) -> Distribution:
-        """The prior distribution p(z)."""
-        raise NotImplementedError
-
-    def kl(self, posterior: Distribution, samples: Tensor) -> Tensor:
-        """KL(q || p) per example: analytic where registered, else the mean over ``samples``
-        (drawn from ``posterior``, shape ``(*sample_shape, *batch, latent_dim)``) of
-        log q - log p."""
-        prior = self()
-        try:
-            return kl_divergence(posterior, prior)
-        except NotImplementedError:
-            log_ratio = posterior.log_prob(samples) - prior.log_prob(samples)
-            return mean_over_samples(log_ratio, posterior)
-
-    def has_analytic_kl(self, posterior: Distribution) -> bool:
-        """Whether ``kl_divergence`` has a closed form for this posterior and prior."""
-        try:
-            kl_divergence(posterior, self())
-        except NotImplementedError:
-            return False
-        return True
+    latent_dim: int
+    input_shape: tuple[int, ...]
+    encode: Callable[[Tensor], Distribution]
 
 
-def mean_over_samples(values: Tensor, posterior: Distribution) -> Tensor:
-    """The mean of ``values`` (``(*sample_shape, *posterior.batch_shape)``) over the samples;
-    ``values`` itself when they were drawn without a sample shape."""
-    sample_dims = values.dim() - len(posterior.batch_shape)
-    return values.flatten(0, sample_dims - 1).mean(0) if sample_dims else values
+class DiagonalNormal(Independent):
+    """A Gaussian with diagonal covariance over the last dimension: the VAE's posterior.
+
+    A type of its own, so that KLs from it dispatch to short closed forms (below).
+    """
+
+    def __init__(self, loc: Tensor, scale: Tensor) -> None:
+        super().__init__(Normal(loc, scale, validate_args=False), 1, validate_args=False)
 
 
 class StandardNormal(Normal):
     """N(0, 1) per element: a type of its own, so that the KL from a Gaussian posterior takes
     the short closed form below instead of the general Gaussian-to-Gaussian one."""
+
+
+class StandardDiagonalNormal(Independent):
+    """N(0, I) over the last dimension (the standard-normal prior's distribution)."""
 
 
 def kl_to_standard_normal(p: Normal) -> Tensor:
@@ -73,40 +74,157 @@ def _kl_normal_standard_normal(p: Normal, q: StandardNormal) -> Tensor:
     return kl_to_standard_normal(p)
 
 
+@register_kl(DiagonalNormal, StandardDiagonalNormal)
+def _kl_diagonal_standard_normal(p: DiagonalNormal, q: StandardDiagonalNormal) -> Tensor:
+    """The closed form straight from the posterior's parameters: the number torch's
+    ``Independent`` dispatch gives, without its intermediate dispatch and checks."""
+    return kl_to_standard_normal(p.base_dist).sum(-1)
+
+
+def mean_over_samples(values: Tensor, posterior: Distribution) -> Tensor:
+    """The mean of ``values`` (``(*sample_shape, *posterior.batch_shape)``) over the samples;
+    ``values`` itself when they were drawn without a sample shape."""
+    sample_dims = values.dim() - len(posterior.batch_shape)
+    return values.flatten(0, sample_dims - 1).mean(0) if sample_dims else values
+
+
+def monte_carlo_kl(posterior: Distribution, prior: Distribution, samples: Tensor) -> Tensor:
+    """KL(q || p) estimated as the mean over ``samples`` (drawn from ``posterior``, shape
+    ``(*sample_shape, *batch, *event)``) of log q(z) - log p(z): unbiased for any pair."""
+    return mean_over_samples(posterior.log_prob(samples) - prior.log_prob(samples), posterior)
+
+
+def kl_or_estimate(posterior: Distribution, prior: Distribution, samples: Tensor) -> Tensor:
+    """KL(q || p): analytic where ``kl_divergence`` has a form for the pair, else
+    :func:`monte_carlo_kl` over ``samples``. Works per example (``Independent`` pairs) and per
+    latent dimension (their base distributions) alike."""
+    try:
+        return kl_divergence(posterior, prior)
+    except NotImplementedError:
+        return monte_carlo_kl(posterior, prior, samples)
+
+
+class Prior(nn.Module):
+    """Base class: a distribution over the latent vector (event shape ``(latent_dim,)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latent_dim = 0
+
+    def bind(self, context: PriorContext) -> None:
+        """Fix the model's context; called once by the model (creates learned parameters)."""
+        self.latent_dim = context.latent_dim
+
+    def forward(self) -> Distribution:
+        """The prior distribution p(z)."""
+        raise NotImplementedError
+
+    def marginals(self) -> Distribution | None:
+        """For a prior that factorises over the latent dimensions, its per-dimension
+        distribution (batch shape ``(latent_dim,)``); None otherwise. Per-dimension KLs (free
+        bits, the KL of each latent dimension at test) need it."""
+        return None
+
+    def kl(self, posterior: Distribution, samples: Tensor) -> Tensor:
+        """KL(q || p) per example, by :func:`kl_or_estimate`."""
+        return kl_or_estimate(posterior, self(), samples)
+
+
 @register_prior("standard_normal")
 class StandardNormalPrior(Prior):
     """Standard normal N(0, I): the classic VAE prior."""
 
-    def bind(self, latent_dim: int) -> None:
-        super().bind(latent_dim)
-        self.register_buffer("zeros", torch.zeros(latent_dim), persistent=False)
-        self.register_buffer("ones", torch.ones(latent_dim), persistent=False)
+    def bind(self, context: PriorContext) -> None:
+        super().bind(context)
+        self.register_buffer("zeros", torch.zeros(self.latent_dim), persistent=False)
+        self.register_buffer("ones", torch.ones(self.latent_dim), persistent=False)
 
     def forward(self) -> Distribution:
-        return Independent(StandardNormal(self.zeros, self.ones, validate_args=False), 1)
+        return StandardDiagonalNormal(self.marginals(), 1, validate_args=False)
 
-    def kl(self, posterior: Distribution, samples: Tensor) -> Tensor:
-        """For the VAE's diagonal Gaussian posterior, the closed form straight from its
-        parameters: the number ``kl_divergence`` gives, at half the cost (building p(z) and
-        the dispatch through ``Independent`` cost as much as the formula, every step)."""
-        diagonal_gaussian = (
-            type(posterior) is Independent
-            and type(posterior.base_dist) is Normal
-            and posterior.reinterpreted_batch_ndims == 1
-        )
-        if diagonal_gaussian:
-            return kl_to_standard_normal(posterior.base_dist).sum(-1)
-        return super().kl(posterior, samples)
+    def marginals(self) -> Distribution:
+        return StandardNormal(self.zeros, self.ones, validate_args=False)
 
 
 @register_prior("learned_gaussian")
 class LearnedGaussianPrior(Prior):
     """Diagonal Gaussian with trainable mean and log standard deviation (starts at N(0, I))."""
 
-    def bind(self, latent_dim: int) -> None:
-        super().bind(latent_dim)
-        self.loc = nn.Parameter(torch.zeros(latent_dim))
-        self.log_scale = nn.Parameter(torch.zeros(latent_dim))
+    def bind(self, context: PriorContext) -> None:
+        super().bind(context)
+        self.loc = nn.Parameter(torch.zeros(self.latent_dim))
+        self.log_scale = nn.Parameter(torch.zeros(self.latent_dim))
 
     def forward(self) -> Distribution:
-        return Independent(Normal(self.loc, self.log_scale.exp(), validate_args=False), 1)
+        return Independent(self.marginals(), 1, validate_args=False)
+
+    def marginals(self) -> Distribution:
+        return Normal(self.loc, self.log_scale.exp(), validate_args=False)
+
+
+def check_components(name: str, components: int) -> None:
+    """Refuse a mixture prior without components."""
+    if components < 1:
+        raise ConfigError(f"{name} prior: components must be positive, got {components}")
+
+
+@register_prior("mixture_of_gaussians")
+class MixtureOfGaussiansPrior(Prior):
+    """A mixture of ``components`` diagonal Gaussians with learned weights, means and scales;
+    the KL from a posterior is estimated by Monte Carlo (it has no closed form).
+
+    Args:
+        components: number of Gaussians K.
+        spread: standard deviation of the initial means around 0 (the scales start at 1), so
+            that the components start apart.
+    """
+
+    def __init__(self, components: int = 10, spread: float = 1.0) -> None:
+        super().__init__()
+        check_components("mixture_of_gaussians", components)
+        self.components = components
+        self.spread = spread
+
+    def bind(self, context: PriorContext) -> None:
+        super().bind(context)
+        shape = (self.components, self.latent_dim)
+        self.logits = nn.Parameter(torch.zeros(self.components))
+        self.loc = nn.Parameter(self.spread * torch.randn(shape))
+        self.log_scale = nn.Parameter(torch.zeros(shape))
+
+    def forward(self) -> Distribution:
+        gaussians = Independent(Normal(self.loc, self.log_scale.exp(), validate_args=False), 1)
+        weights = Categorical(logits=self.logits, validate_args=False)
+        return MixtureSameFamily(weights, gaussians, validate_args=False)
+
+
+@register_prior("vamp")
+class VampPrior(Prior):
+    """VampPrior (Tomczak & Welling, 2018): the equal-weight mixture of the model's own
+    posteriors q(z | u_k) at ``components`` learned pseudo-inputs u_k; the KL by Monte Carlo.
+
+    Args:
+        components: number of pseudo-inputs K.
+        init_range: the pseudo-inputs start uniform in this (low, high) range (the data's,
+            e.g. (0, 1) for pixels scaled to [0, 1]).
+    """
+
+    def __init__(self, components: int = 500, init_range: tuple[float, float] = (0.0, 1.0)) -> None:
+        super().__init__()
+        check_components("vamp", components)
+        self.components = components
+        self.init_range = tuple(init_range)
+        self.encode: Callable[[Tensor], Distribution] | None = None
+
+    def bind(self, context: PriorContext) -> None:
+        super().bind(context)
+        low, high = self.init_range
+        shape = (self.components, *context.input_shape)
+        self.pseudo_inputs = nn.Parameter(low + (high - low) * torch.rand(shape))
+        # a plain function attribute, not a submodule: the encoder's parameters stay the model's
+        self.encode = context.encode
+
+    def forward(self) -> Distribution:
+        posteriors = self.encode(self.pseudo_inputs)  # batch shape (K,)
+        weights = Categorical(logits=self.pseudo_inputs.new_zeros(self.components))
+        return MixtureSameFamily(weights, posteriors, validate_args=False)

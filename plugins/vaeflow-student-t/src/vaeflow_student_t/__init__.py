@@ -24,6 +24,8 @@ class StudentTLikelihood(Likelihood):
         self.scale = scale
         self.raw_scale = nn.Parameter(torch.tensor(math.log(math.expm1(scale))))
 
-    def distribution(self, loc: Tensor) -> Distribution:
+    def distribution(self, params: Tensor) -> Distribution:
+        """``params[..., 0]`` is the location (one parameter per element: ``num_params = 1``)."""
+        loc = params[..., 0]
         scale = F.softplus(self.raw_scale).expand_as(loc)
         return StudentT(self.df, loc, scale, validate_args=False)
