@@ -3,24 +3,15 @@
 The model: z ~ N(0, I_M), x | z ~ N(W z + mu, Psi), so x ~ N(mu, C) with C = W W^T + Psi;
 ``noise="isotropic"`` ties Psi = sigma^2 I (PPCA). Every EM statistic is a sum over examples,
 accumulated batch by batch in float64, summed across processes, and the closed-form M-step is
-taken once per pass. Two ways to fit:
-
-- ``moments`` (D up to a few thousand): one pass accumulates n, sum x and sum x x^T (float64,
-  a few thousand rows per syrk), then EM iterates on the covariance S without touching the data
-  again. EM on S is accelerated by SQUAREM (Varadhan & Roland, 2008): an extrapolated step is
-  kept only if its exact log-likelihood is at least that of a plain EM step, else two plain EM
-  steps are taken, so the log-likelihood never decreases.
-- ``streaming`` (large D, where D x D does not fit): one plain EM iteration per epoch; the
-  statistics are D x M and M x M.
-
-The linear algebra (never a D x D inverse) is in :mod:`vaeflow.models.fa_math`.
+taken once per pass. The two ways to fit (``moments``, ``streaming``) are objects of
+:mod:`vaeflow.models.fa_fit`; the formulas are in :mod:`vaeflow.models.fa_math`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule
@@ -30,23 +21,25 @@ from typing_extensions import override
 
 from vaeflow.callbacks import prediction_callbacks
 from vaeflow.errors import ConfigError, DataError
+from vaeflow.metrics import bits_per_dim
+from vaeflow.models.fa_fit import Fitter, MomentsFitter, StreamingFitter
 from vaeflow.models.fa_math import (
-    CHUNK_ROWS,
-    LOG_2PI,
-    SMALL_WORK,
-    Moments,
-    add_moments_,
-    cholesky_of_precision,
-    elbo_from_moments,
-    em_on_covariance,
-    leading_eigenpairs,
-    log_likelihood_from_moments,
-    m_step,
-    ppca_solution,
-    single_thread_if,
-    symmetric_from_lower,
+    Iterate,
+    factorise,
+    log_likelihood,
+    posterior_covariance,
+    posterior_mean,
     varimax,
 )
+
+#: Smallest ``noise_floor``: the rounding of the covariance S (relative ~1e-16 times the growth
+#: of its sums) is divided by the floor in the log-likelihood. Measured on 500 examples with a
+#: feature on the floor: 1e-7 nats per example off the dense float64 value at 1e-8, 1e-6 at
+#: 1e-9, 1e-5 at 1e-10 (tests/test_fa.py).
+MIN_NOISE_FLOOR = 1e-9
+
+#: Key of the fit's state (beyond parameters) in a checkpoint.
+CHECKPOINT_KEY = "factor_analysis_fit"
 
 
 class EMStepCounter(Optimizer):
@@ -67,22 +60,22 @@ class FactorAnalysis(LightningModule):
 
     Each training pass over the data is exact EM: the E-step statistics are summed in float64
     outside autocast, reduced across processes through the Lightning strategy, and the M-step
-    runs once at the end of the pass. Training stops by itself once the log-likelihood gains
-    less than ``tol`` nats per example (or after ``max_iter`` EM iterations): leave the Trainer's
-    ``max_epochs`` at -1. The per-iteration log-likelihood and ELBO (nats per example) go to the
-    loggers as ``train/log_likelihood`` and ``train/elbo``, one row per EM iteration, with the
-    iteration as the step; ``val/log_likelihood`` takes the step of the iteration it scores.
+    runs once at the end of the pass. Training stops by itself once an iteration changes the
+    log-likelihood by less than ``tol`` nats per example (or after ``max_iter`` EM iterations):
+    leave the Trainer's ``max_epochs`` at -1. The per-iteration log-likelihood, ELBO (nats per
+    example) and bits per dimension go to the loggers as ``train/log_likelihood``,
+    ``train/elbo`` and ``train/bits_per_dim``, one row per EM iteration, with the iteration as
+    the step; ``val/...`` rows take the step of the iteration they score.
 
     The mean is the sample mean (its exact maximum-likelihood value). Parameters are float64
-    ``nn.Parameter`` objects, so checkpoints carry them and DDP can wrap the module; EM writes
-    them in place, no gradient is ever taken. ``vaeflow predict`` writes the posterior means to
-    ``latents.pt`` in the run folder (:class:`LatentCodeWriter`).
-
-    EM's sums do not depend on the order of the examples: give the data module ``shuffle:
-    false``, so that its batches are views of the stored tensor rather than gathered copies.
+    ``nn.Parameter`` objects, in the data's own units, so checkpoints carry them and DDP can
+    wrap the module; EM writes them in place, no gradient is ever taken. ``vaeflow predict``
+    writes the posterior means to ``latents.pt`` in the run folder. A fit resumed from a
+    checkpoint (``--ckpt_path``) continues from its EM iteration and parameters.
 
     Args:
-        input_shape: shape of one example; the CLI links it from the data module's ``dims``.
+        input_shape: shape of one example; the CLI links it from the data module's ``dims``,
+            and without it the model takes ``dims`` from the Trainer's data module at setup.
         latent_dim: number of factors M; must be smaller than the data dimension D.
         noise: ``diagonal`` (factor analysis) or ``isotropic`` (probabilistic PCA).
         method: ``moments`` iterates EM on the D x D covariance after one pass over the data;
@@ -93,23 +86,37 @@ class FactorAnalysis(LightningModule):
             of the covariance (randomised subspace iteration on S, or a randomised sketch and
             one more pass when streaming); ``random`` from random loadings drawn with ``seed``.
         max_iter: most EM iterations.
-        tol: stop when an iteration raises the log-likelihood by less than this many nats per
-            example. The default 1e-6 stops MNIST (D = 784, M = 32) within 1e-7 nats of the
-            fully converged log-likelihood.
-        noise_floor: lower bound of every noise variance, relative to the mean feature variance
-            (the floor is ``noise_floor * mean(diag S)``). It keeps constant features, such as
-            MNIST's border pixels, from driving a variance to zero and the likelihood to
-            infinity; the M-step with the floor is still the exact constrained maximiser.
+        tol: stop when an iteration changes the log-likelihood by less than this many nats per
+            example. A negative change larger than ``tol`` is round-off (EM never lowers the
+            likelihood) and does not stop the fit.
+        noise_floor: lower bound of each noise variance relative to its feature's variance
+            (Psi_d >= noise_floor * S_dd), so the fit is equivariant to rescaling a feature.
+            It keeps a feature that others predict exactly (collinear columns) from driving
+            its variance to zero and the likelihood to infinity; the M-step with the floor is
+            still the exact constrained maximiser. At least 1e-9: below it float64 stops
+            resolving the likelihood. For ``isotropic`` noise the floor is relative to the
+            mean feature variance.
+        constant_feature_variance: noise variance of features that are constant in the
+            training data (MNIST's border pixels), which have no scale of their own; each adds
+            -1/2 log(2 pi constant_feature_variance) to the log-likelihood (scikit-learn's
+            floor is the same 1e-12).
         accelerate: SQUAREM cycles instead of single EM steps in the ``moments`` method
             (safeguarded: the log-likelihood still never decreases); an iteration is then one
             cycle.
         rotation: ``varimax`` rotates the fitted loadings (the likelihood is unchanged).
         seed: seed of the random initialisation and of the streaming PPCA sketch.
+        data_log_scale: log of the factor the data module divided the data by (linked by the
+            CLI from the data module's ``log_scale``), for bits per dimension on the data's
+            original grid.
     """
+
+    #: EM's sums do not depend on the order of the examples: data modules serve large
+    #: contiguous batches (views) whatever ``batch_size`` says.
+    order_free_passes: ClassVar[bool] = True
 
     def __init__(
         self,
-        input_shape: tuple[int, ...],
+        input_shape: tuple[int, ...] | None = None,
         latent_dim: int = 10,
         noise: Literal["diagonal", "isotropic"] = "diagonal",
         method: Literal["auto", "moments", "streaming"] = "auto",
@@ -117,45 +124,64 @@ class FactorAnalysis(LightningModule):
         init: Literal["ppca", "random"] = "ppca",
         max_iter: int = 1000,
         tol: float = 1e-6,
-        noise_floor: float = 1e-6,
+        noise_floor: float = 1e-8,
+        constant_feature_variance: float = 1e-12,
         accelerate: bool = True,
         rotation: Literal["none", "varimax"] = "none",
         seed: int = 0,
+        data_log_scale: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.input_shape = tuple(input_shape)
-        dim = math.prod(self.input_shape)
-        if not 1 <= latent_dim < dim:
-            raise ConfigError(
-                f"FactorAnalysis: latent_dim must be between 1 and D - 1 = {dim - 1} for data of "
-                f"dimension D = {dim}, got {latent_dim} (with M >= D the model is not identified)"
-            )
         for name, value in (("max_iter", max_iter), ("moments_max_dim", moments_max_dim)):
             if value < 1:
                 raise ConfigError(f"FactorAnalysis: {name} must be positive, got {value}")
-        if tol < 0 or noise_floor <= 0:
-            raise ConfigError("FactorAnalysis: tol must be >= 0 and noise_floor > 0")
-        self.dim, self.latent_dim = dim, latent_dim
+        if tol < 0:
+            raise ConfigError(f"FactorAnalysis: tol must be >= 0, got {tol}")
+        if not MIN_NOISE_FLOOR <= noise_floor < 1:
+            raise ConfigError(
+                f"FactorAnalysis: noise_floor must be in [{MIN_NOISE_FLOOR:g}, 1), got "
+                f"{noise_floor:g}: it is relative to each feature's variance, and below "
+                f"{MIN_NOISE_FLOOR:g} float64 cannot resolve the log-likelihood of the noise "
+                "variances that sit on it"
+            )
+        if not constant_feature_variance > 0:
+            raise ConfigError(
+                "FactorAnalysis: constant_feature_variance must be positive, got "
+                f"{constant_feature_variance:g}"
+            )
+        self.latent_dim = latent_dim
         self.isotropic = noise == "isotropic"
-        self.streaming = method == "streaming" or (method == "auto" and dim > moments_max_dim)
+        self.register_buffer("n_iter", torch.zeros((), dtype=torch.long))
+        #: One dict per EM iteration: ``train/log_likelihood``, ``train/elbo`` (nats/example)
+        #: and ``train/bits_per_dim``.
+        self.history: list[dict[str, float]] = []
+        self._fitter: Fitter | None = None
+        self._resume: dict[str, Any] | None = None  # the fit's state in a loaded checkpoint
+        self._val_sums = torch.zeros(2, dtype=torch.float64)  # sum of log p(x), examples
+        if input_shape is not None:
+            self._build(tuple(input_shape))
+
+    def _build(self, input_shape: tuple[int, ...]) -> None:
+        """Check the sizes and create the parameters."""
+        dim = math.prod(input_shape)
+        if not 1 <= self.latent_dim < dim:
+            raise ConfigError(
+                f"FactorAnalysis: latent_dim must be between 1 and D - 1 = {dim - 1} for data of "
+                f"dimension D = {dim}, got {self.latent_dim} (with M >= D the model is not "
+                "identified)"
+            )
+        self.input_shape, self.dim = input_shape, dim
+        self.hparams.input_shape = input_shape  # so that a checkpoint reloads alone
+        hp = self.hparams
+        self.streaming = hp.method == "streaming" or (
+            hp.method == "auto" and dim > hp.moments_max_dim
+        )
         f64 = torch.float64
-        self.loadings = nn.Parameter(torch.zeros(dim, latent_dim, dtype=f64))
+        self.loadings = nn.Parameter(torch.zeros(dim, self.latent_dim, dtype=f64))
         self.noise_variance = nn.Parameter(torch.ones(dim, dtype=f64))
         self.mean = nn.Parameter(torch.zeros(dim, dtype=f64))
-        self.register_buffer("n_iter", torch.zeros((), dtype=torch.long))
-        #: One dict per EM iteration: ``train/log_likelihood`` and ``train/elbo`` (nats/example).
-        self.history: list[dict[str, float]] = []
-        self._sums: dict[str, Tensor] = {}  # E-step sums of the current pass
-        self._var: Tensor | None = None  # diag S (streaming; the moments path has all of S)
-        self._omega: Tensor | None = None  # random test matrix of the streaming PPCA sketch
-        self._basis: Tensor | None = None  # sketched range Q, for the Rayleigh-Ritz pass
-        self._chunk: Tensor | None = None  # float64 rows of the moment pass (add_moments_)
-        self._val_sums = torch.zeros(2, dtype=f64)  # validation: sum of log p(x), examples
-        self._floor = 0.0
-        self._pass = 0
-        self._last_ll = -math.inf
 
     # -- inference under the current parameters ---------------------------------------------
 
@@ -164,22 +190,16 @@ class FactorAnalysis(LightningModule):
 
     @torch.no_grad()
     def log_likelihood(self, x: Tensor) -> Tensor:
-        """Exact log p(x) of each example (N,), in O(N D M) through Woodbury and the
-        determinant lemma."""
-        xc = self._centred(x)
-        v, chol = cholesky_of_precision(self.loadings, self.noise_variance)
-        proj = torch.linalg.solve_triangular(chol, (xc @ v).T, upper=False)
-        quad = (xc**2 / self.noise_variance).sum(1) - (proj**2).sum(0)
-        log_det = self.noise_variance.log().sum() + 2 * chol.diagonal().log().sum()
-        return -0.5 * (self.dim * LOG_2PI + log_det + quad)
+        """Exact log p(x) of each example (N,), in O(N D M), accurate to float64 round-off
+        even when noise variances are tiny (see :mod:`vaeflow.models.fa_math`)."""
+        return log_likelihood(self._centred(x), factorise(self.loadings, self.noise_variance))
 
     @torch.no_grad()
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior p(z|x): means (N x M), G W^T Psi^-1 (x - mu), and the covariance G (M x M),
         the same for every example."""
-        v, chol = cholesky_of_precision(self.loadings, self.noise_variance)
-        cov = torch.cholesky_inverse(chol)
-        return self._centred(x) @ v @ cov, cov
+        factors = factorise(self.loadings, self.noise_variance)
+        return posterior_mean(self._centred(x), factors), posterior_covariance(factors)
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
@@ -189,7 +209,25 @@ class FactorAnalysis(LightningModule):
         x = self.mean + z @ self.loadings.T + eps * self.noise_variance.sqrt()
         return x.reshape(n, *self.input_shape)
 
+    def bits_per_dim(self, log_likelihood: float) -> float:
+        """Bits per dimension on the data's original grid (:func:`vaeflow.metrics.bits_per_dim`)."""
+        value = torch.tensor(log_likelihood, dtype=torch.float64)
+        return bits_per_dim(value, self.dim, self.hparams.data_log_scale).item()
+
     # -- Lightning hooks -------------------------------------------------------------------
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Without ``input_shape``, create the parameters from the data module's ``dims``."""
+        if hasattr(self, "dim"):
+            return
+        dims = getattr(self.trainer.datamodule, "dims", None)
+        if dims is None:
+            raise ConfigError(
+                "FactorAnalysis: give input_shape (the shape of one example), or fit with a "
+                "data module that has `dims`"
+            )
+        self._build(tuple(dims))
 
     @override
     def configure_optimizers(self) -> Optimizer:
@@ -201,16 +239,24 @@ class FactorAnalysis(LightningModule):
         return prediction_callbacks(self.trainer)
 
     @override
+    def on_train_start(self) -> None:
+        """Choose the fitter, after any checkpoint has been restored: a resumed fit continues
+        from the checkpoint's iteration and parameters."""
+        resume = self._resume if self.trainer.ckpt_path is not None else None
+        if resume is None:
+            self.n_iter.zero_()
+        self.history, self._resume = [], None
+        self._fitter = (StreamingFitter if self.streaming else MomentsFitter)(self, resume)
+
+    @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         x = batch.reshape(len(batch), -1)
         if x.shape[1] != self.dim:
             raise DataError(
                 f"FactorAnalysis: examples have {x.shape[1]} values, expected {self.dim}"
             )
-        if self._pass > 0 and not self.streaming:
-            return  # fitted after the first pass; only a Trainer's min_epochs gets here
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            self._accumulate(x)
+            self._fitter.add(x)
         # The M-step runs at the last batch, not in on_train_epoch_end, because Lightning
         # validates before on_train_epoch_end: validation must see this pass's parameters.
         if self.trainer.is_last_batch:
@@ -221,18 +267,51 @@ class FactorAnalysis(LightningModule):
     def on_train_epoch_end(self) -> None:
         self._end_pass()  # no-op unless the loader hid its last batch (iterable data sets)
 
-    @override
-    def on_fit_start(self) -> None:
-        self.history, self._sums, self._basis = [], {}, None
-        self._pass, self._last_ll = 0, -math.inf
-        self.n_iter.zero_()
+    def _end_pass(self) -> None:
+        fitter = self._fitter
+        if fitter.current is None or not fitter.current.sums:
+            return
+        done = fitter.end_pass()
+        if self.hparams.rotation == "varimax":
+            with torch.no_grad():
+                self.loadings.copy_(varimax(self.loadings))
+        if done:
+            self.trainer.should_stop = True
 
     @override
     def on_fit_end(self) -> None:
-        if self._pass == 0:
+        if self._fitter is None or self._fitter.var is None:
             raise DataError("FactorAnalysis: the training data set is empty; nothing was fitted")
 
     @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._fitter is not None:
+            checkpoint[CHECKPOINT_KEY] = self._fitter.state_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resume = checkpoint.get(CHECKPOINT_KEY)
+
+    def record(self, iterate: Iterate) -> None:
+        """One row per EM iteration: log-likelihood, ELBO and bits/dim at the iterate."""
+        self.n_iter.fill_(iterate.iteration)
+        ll = iterate.log_likelihood.item()
+        row = {
+            "train/log_likelihood": ll,
+            "train/elbo": iterate.elbo.item(),
+            "train/bits_per_dim": self.bits_per_dim(ll),
+        }
+        self.history.append(row)
+        self._log_row(row)
+
+    def _log_row(self, row: dict[str, float]) -> None:
+        """To every logger on the EM-iteration axis (step = EM iteration): logged through
+        Lightning, a row took Lightning's batch count as its step, which collided with an EM
+        iteration's row (two rows of one step in metrics.csv)."""
+        step = int(self.n_iter)
+        for logger in self.loggers:
+            logger.log_metrics({**row, "em_iteration": step}, step=step)
+
     @override
     def on_validation_epoch_start(self) -> None:
         self._val_sums = self.mean.new_zeros(2)  # sum of log-likelihoods, examples
@@ -244,22 +323,21 @@ class FactorAnalysis(LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        """``val/log_likelihood`` goes to the loggers on the EM-iteration axis (step = EM
-        iteration of the parameters it scores), like the training rows: logged through
-        Lightning, it took Lightning's batch count as its step, which collided with an EM
-        iteration's row (two rows of one step in metrics.csv)."""
+        """``val/log_likelihood`` and ``val/bits_per_dim`` of the iteration's parameters."""
         total, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         value = (total / count).item()
-        self.log("val/log_likelihood", value, logger=False)  # callbacks and progress bar
+        row = {"val/log_likelihood": value, "val/bits_per_dim": self.bits_per_dim(value)}
+        for name, metric in row.items():
+            self.log(name, metric, logger=False)  # callbacks and progress bar
         if not self.trainer.sanity_checking:
-            row = {"val/log_likelihood": value, "em_iteration": int(self.n_iter)}
-            for logger in self.loggers:
-                logger.log_metrics(row, step=int(self.n_iter))
+            self._log_row(row)
 
     @override
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         ll = self.log_likelihood(batch).mean()
-        self.log("test/log_likelihood", ll.float(), batch_size=len(batch), sync_dist=True)
+        bits = bits_per_dim(ll, self.dim, self.hparams.data_log_scale)
+        for name, value in (("test/log_likelihood", ll), ("test/bits_per_dim", bits)):
+            self.log(name, value.float(), batch_size=len(batch), sync_dist=True)
 
     @override
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
@@ -268,170 +346,5 @@ class FactorAnalysis(LightningModule):
     def prediction_extras(self) -> dict[str, Tensor]:
         """What ``latents.pt`` holds beside the posterior means: the posterior covariance G
         (M x M), the same for every example."""
-        _, chol = cholesky_of_precision(self.loadings, self.noise_variance)
-        return {"covariance": torch.cholesky_inverse(chol).detach().cpu()}
-
-    # -- the E-step, batch by batch --------------------------------------------------------
-
-    def _add(self, name: str, value: Tensor) -> None:
-        self._sums[name] = self._sums[name] + value if name in self._sums else value
-
-    def _accumulate(self, x: Tensor) -> None:
-        """Add one batch's E-step sums, all in float64."""
-        self._add("n", torch.tensor(float(len(x)), dtype=torch.float64, device=x.device))
-        if self._pass > 0:
-            xc = x.to(torch.float64, copy=True).sub_(self.mean)
-            xv = xc @ (self._basis if self._basis is not None else self._precision_loadings())
-            self._add("xxv", xc.T @ xv)
-            self._add("vxxv", xv.T @ xv)
-            return
-        # First pass: raw moments about a shift (rank 0's first batch mean), which avoids the
-        # cancellation in E[xx^T] - mu mu^T when the mean is large against the spread.
-        if "shift" not in self._sums:
-            shift = x.mean(0, dtype=torch.float64)
-            self._sums["shift"] = self.trainer.strategy.broadcast(shift, src=0)
-        shift = self._sums["shift"]
-        if not self.streaming:
-            if "gram" not in self._sums:
-                self._sums["sum"] = torch.zeros_like(shift)
-                self._sums["gram"] = shift.new_zeros(self.dim, self.dim)
-                self._chunk = shift.new_empty(CHUNK_ROWS, self.dim)
-            add_moments_(self._sums["sum"], self._sums["gram"], x, shift, self._chunk)
-            return
-        xs = x.to(torch.float64, copy=True).sub_(shift)
-        self._add("sum", xs.sum(0))
-        self._add("sq", (xs**2).sum(0))
-        if self.hparams.init == "ppca":
-            self._add("sketch", xs.T @ (xs @ self._probe(xs)))
-
-    def _probe(self, like: Tensor) -> Tensor:
-        """Random D x K test matrix of the streaming PPCA sketch (the same on every rank)."""
-        if self._omega is None:
-            generator = torch.Generator().manual_seed(self.hparams.seed)
-            k = min(self.dim, 2 * self.latent_dim + 10)
-            omega = torch.randn(self.dim, k, generator=generator, dtype=like.dtype)
-            self._omega = omega.to(like.device)
-        return self._omega
-
-    def _precision_loadings(self) -> Tensor:
-        return self.loadings / self.noise_variance[:, None]
-
-    # -- the M-step, once per pass -----------------------------------------------------------
-
-    @torch.no_grad()
-    def _end_pass(self) -> None:
-        if "n" not in self._sums:
-            return
-        # Sum over processes, once per pass: the strategy's all-reduce works in place.
-        reduce = self.trainer.strategy.reduce
-        self._sums = {
-            k: v if k == "shift" else reduce(v, reduce_op="sum") for k, v in self._sums.items()
-        }
-        with torch.autocast(self.mean.device.type, enabled=False):
-            n = self._sums["n"]
-            if n.item() == 0:
-                raise DataError("FactorAnalysis: the training data set is empty")
-            # NaN and infinities propagate into the sums: one check per pass, not per batch.
-            if not all(torch.isfinite(total).all() for total in self._sums.values()):
-                raise DataError(
-                    "FactorAnalysis: the training data contain NaN or infinite values (or values "
-                    "too large for float64 sums); clean or impute them before fitting"
-                )
-            if self._pass == 0:
-                self._first_pass_done(n)
-            elif self._basis is not None:
-                self._sketch_pass_done(n)
-            else:
-                moments = Moments(self._sums["xxv"] / n, self._sums["vxxv"] / n, self._var)
-                self._streaming_em_step(moments)
-            if self.hparams.rotation == "varimax":
-                self.loadings.copy_(varimax(self.loadings))
-        self._pass += 1
-        self._sums, self._chunk = {}, None
-
-    def _first_pass_done(self, n: Tensor) -> None:
-        centre = self._sums["sum"] / n
-        self.mean.copy_(self._sums["shift"] + centre)
-        if not self.streaming:
-            cov = symmetric_from_lower(self._sums["gram"]) / n - torch.outer(centre, centre)
-            self._fit_moments(cov)
-            self.trainer.should_stop = True
-            return
-        self._var = (self._sums["sq"] / n - centre**2).clamp_min(0)
-        self._floor = self.hparams.noise_floor * self._var.mean().item()
-        if self.hparams.init == "ppca":
-            omega = self._probe(centre)
-            sketch = self._sums["sketch"] / n - torch.outer(centre, centre @ omega)
-            self._basis = torch.linalg.qr(sketch).Q
-        else:
-            self._init_random(self._var)
-
-    def _sketch_pass_done(self, n: Tensor) -> None:
-        """Rayleigh-Ritz on the sketched range Q: eigenpairs of Q^T S Q give the PPCA start."""
-        basis, self._basis = self._basis, None
-        eigenvalues, vectors = torch.linalg.eigh(basis.T @ self._sums["xxv"] / n)
-        self._start_from_ppca(eigenvalues.flip(0), basis @ vectors.flip(1), self._var)
-
-    def _start_from_ppca(self, eigenvalues: Tensor, vectors: Tensor, var: Tensor) -> None:
-        """PPCA's closed form; factor analysis starts from its residual variances
-        diag(S - W W^T) (floored) rather than one sigma^2 for every feature."""
-        loadings, sigma2 = ppca_solution(eigenvalues, vectors, self.latent_dim, var.sum(), self.dim)
-        self._set(loadings, sigma2 if self.isotropic else var - (loadings**2).sum(1))
-
-    def _init_random(self, var: Tensor) -> None:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        scale = math.sqrt(var.mean().item() / self.latent_dim)
-        loadings = torch.randn(self.dim, self.latent_dim, generator=generator, dtype=var.dtype)
-        self._set(loadings.to(var.device) * scale, var)
-
-    def _set(self, loadings: Tensor, noise_variance: Tensor) -> None:
-        self.loadings.copy_(loadings)
-        self.noise_variance.copy_(noise_variance.clamp_min(self._floor))
-
-    def _record(self, ll: Tensor, elbo: Tensor) -> None:
-        """One row per EM iteration: log-likelihood and ELBO at the current parameters."""
-        row = {"train/log_likelihood": ll.item(), "train/elbo": elbo.item()}
-        self.history.append(row)
-        for logger in self.loggers:
-            logger.log_metrics({**row, "em_iteration": int(self.n_iter)}, step=int(self.n_iter))
-
-    def _streaming_em_step(self, moments: Moments) -> None:
-        """One EM iteration from one pass's statistics; stop when the log-likelihood stalls."""
-        _, chol = cholesky_of_precision(self.loadings, self.noise_variance)
-        ll = log_likelihood_from_moments(self.loadings, self.noise_variance, chol, moments)
-        self._record(ll, elbo_from_moments(self.loadings, self.noise_variance, chol, moments))
-        stalled = ll.item() - self._last_ll < self.hparams.tol
-        self._last_ll = ll.item()
-        if stalled or int(self.n_iter) >= self.hparams.max_iter:
-            self.trainer.should_stop = True
-            return
-        self._set(*m_step(moments, chol, self._floor, self.isotropic))
-        self.n_iter += 1
-
-    def _fit_moments(self, cov: Tensor) -> None:
-        """Start (closed-form PPCA or random), then EM on the covariance S."""
-        var = cov.diagonal()
-        self._floor = self.hparams.noise_floor * var.mean().item()
-        with single_thread_if(2 * self.dim**2 * self.latent_dim < SMALL_WORK):
-            if self.hparams.init == "ppca":
-                self._start_from_ppca(
-                    *leading_eigenpairs(cov, 2 * self.latent_dim, self.hparams.seed), var
-                )
-            else:
-                self._init_random(var)
-            w, psi = em_on_covariance(
-                cov,
-                self.loadings.detach().clone(),
-                self.noise_variance.detach().clone(),
-                floor=self._floor,
-                isotropic=self.isotropic,
-                tol=self.hparams.tol,
-                max_iter=self.hparams.max_iter,
-                accelerate=self.hparams.accelerate,
-                record=self._record_iteration,
-            )
-        self._set(w, psi)
-
-    def _record_iteration(self, iteration: int, ll: Tensor, elbo: Tensor) -> None:
-        self.n_iter.fill_(iteration)
-        self._record(ll, elbo)
+        factors = factorise(self.loadings.detach(), self.noise_variance.detach())
+        return {"covariance": posterior_covariance(factors).cpu()}

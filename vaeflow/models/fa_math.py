@@ -1,140 +1,166 @@
-"""The linear algebra of factor analysis, free of Lightning: moments, E-step, M-step, EM on S.
+"""The mathematics of factor analysis, free of Lightning: likelihood, posterior, E- and M-step, EM.
 
-Everything is written in terms of the covariance S, V = Psi^-1 W and G = (I + W^T V)^-1, never a
-D x D inverse: log det C = log det Psi - log det G (determinant lemma) and
-tr(C^-1 S) = tr(Psi^-1 S) - tr(G V^T S V) (Woodbury), so one EM iteration costs one D x D x M
-product on S, and the exact log-likelihood comes free with the E-step.
+Every formula works with the whitened loadings Psi^(-1/2) W = U diag(s) R (thin SVD, U: D x M
+orthonormal, R: M x M orthogonal), never with a D x D inverse nor with the precision
+I + W^T Psi^-1 W. That matrix has condition number ~ 1 + max s^2, which grows like the inverse
+of the smallest noise variance relative to its feature's variance: inverting it (Woodbury, the
+determinant lemma) loses about that factor of float64's precision, which put the "exact"
+log-likelihood of a fit with near-zero noise variances 2.6e9 nats off. In the whitened frame
+C~ = Psi^(-1/2) C Psi^(-1/2) = I + U diag(s^2) U^T, so
+
+- log det C = sum log Psi + sum log(1 + s^2),
+- C~^-1 = I - U diag(s^2 / (1 + s^2)) U^T, and
+- z | x ~ N(R^T diag(s / (1 + s^2)) U^T Psi^(-1/2) (x - mu), R^T diag(1 / (1 + s^2)) R),
+
+each computed to float64 round-off; what is left is the rounding of S itself, relative
+float64 precision times sum_d S_dd / Psi_d, which the noise floor keeps small.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from functools import cache
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from scipy.linalg.blas import dsyrk
-from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
 from vaeflow.likelihoods import LOG_2PI
+from vaeflow.models.fa_blas import matmul
 
-#: Flops per EM iteration under which EM on the covariance runs on one thread.
-SMALL_WORK = 1e8
 
-#: Rows converted to float64 at a time by :func:`add_moments_`: enough for an efficient syrk,
-#: few enough (12 MB at D = 784) for the buffer to stay in cache and be reused, so no batch
-#: allocates (and page-faults) a float64 copy of itself.
-CHUNK_ROWS = 2048
+class Factors(NamedTuple):
+    """(W, Psi) in the whitened form every formula uses: Psi^(-1/2) W = U diag(s) R."""
+
+    noise_variance: Tensor
+    basis: Tensor
+    singular_values: Tensor
+    rotation: Tensor
+
+    @property
+    def probe(self) -> Tensor:
+        """P = Psi^(-1/2) U (D x M): the E-step needs S only through S P."""
+        return self.basis / self.noise_variance.sqrt()[:, None]
+
+    @property
+    def shrinkage(self) -> Tensor:
+        """s / (1 + s^2): the posterior mean is R^T diag(shrinkage) P^T (x - mu)."""
+        return self.singular_values / (1 + self.singular_values**2)
+
+    @property
+    def log_det(self) -> Tensor:
+        """log det C = sum log Psi + sum log(1 + s^2)."""
+        return self.noise_variance.log().sum() + torch.log1p(self.singular_values**2).sum()
 
 
 class Moments(NamedTuple):
-    """Second-order E-step statistics at the parameters (W, Psi), normalised by n.
+    """Second-order E-step statistics of the data about the fitted mean, normalised by n:
+    ``sp`` = S P (D x M), ``psp`` = P^T S P (M x M) and ``var`` = diag S (D), with S the
+    covariance and P the probe of the parameters they were taken at."""
 
-    ``sv`` = S V (D x M), ``vsv`` = V^T S V (M x M) and ``var`` = diag S (D), with S the
-    covariance of the data about the fitted mean and V = Psi^-1 W.
-    """
-
-    sv: Tensor
-    vsv: Tensor
+    sp: Tensor
+    psp: Tensor
     var: Tensor
 
 
 class EStep(NamedTuple):
-    """E-step on the covariance: statistics, Cholesky factor of G^-1, exact log-likelihood."""
+    """An E-step on the covariance: the parameters' factors, the statistics, the exact
+    mean log-likelihood per example."""
 
+    factors: Factors
     moments: Moments
-    chol: Tensor
     log_likelihood: Tensor
 
 
-@cache
-def _blas() -> ThreadpoolController:
-    """Handle on OpenBLAS's thread pools (found once: a scan of the loaded libraries)."""
-    return ThreadpoolController()
+class Iterate(NamedTuple):
+    """One EM iterate, as :func:`em_on_covariance` reports it."""
+
+    iteration: int
+    loadings: Tensor
+    noise_variance: Tensor
+    log_likelihood: Tensor
+    elbo: Tensor
 
 
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def factorise(loadings: Tensor, noise_variance: Tensor) -> Factors:
+    """The thin SVD of the whitened loadings Psi^(-1/2) W (O(D M^2))."""
+    u, s, rotation = torch.linalg.svd(
+        loadings / noise_variance.sqrt()[:, None], full_matrices=False
+    )
+    return Factors(noise_variance, u, s, rotation)
 
 
-@contextmanager
-def single_thread_if(small: bool) -> Iterator[None]:
-    """One torch and one OpenBLAS thread for small matrix work. An EM iteration on MNIST's
-    covariance is about a millisecond of small operations; with two threads each waits at a
-    barrier for the other, which costs ~10x when other processes share the cores."""
-    if not small:
-        yield
-        return
-    with one_torch_thread(), _blas().limit(limits=1, user_api="blas"):
-        yield
+def posterior_covariance(factors: Factors) -> Tensor:
+    """G = (I + W^T Psi^-1 W)^-1 = R^T diag(1 / (1 + s^2)) R, the same for every example."""
+    r = factors.rotation
+    return (r.T / (1 + factors.singular_values**2)) @ r
 
 
-def add_moments_(total: Tensor, gram: Tensor, x: Tensor, shift: Tensor, buffer: Tensor) -> None:
-    """Add sum (x - shift) to ``total`` and (x - shift)^T (x - shift) to ``gram``, in float64.
+def posterior_mean(centred: Tensor, factors: Factors) -> Tensor:
+    """E[z | x] = G W^T Psi^-1 (x - mu) of each row of ``centred`` (N x D -> N x M)."""
+    return (centred @ factors.probe * factors.shrinkage) @ factors.rotation
 
-    Rows go through ``buffer`` (float64, up to :data:`CHUNK_ROWS` x D) a chunk at a time. On
-    the CPU only the lower triangle of ``gram`` is filled, in place, by OpenBLAS's syrk (half
-    the flops, and about 3x faster than torch's MKL matmul on AMD processors), and torch runs
-    on one thread meanwhile: its idle OpenMP threads would otherwise spin on the cores that
-    OpenBLAS's threads need (measured 2-5x slower on two cores). Elsewhere a full matmul.
+
+def log_likelihood(centred: Tensor, factors: Factors) -> Tensor:
+    """Exact log p(x) of each row of ``centred`` = x - mu (N,), in O(N D M).
+
+    With y = Psi^(-1/2) (x - mu) and a = U^T y, the quadratic form is
+    |y - U a|^2 + sum a^2 / (1 + s^2): two non-negative terms, the first an explicit residual,
+    so nothing large cancels.
     """
-    cpu = gram.device.type == "cpu"
-    with one_torch_thread() if cpu else nullcontext():
-        for start in range(0, len(x), len(buffer)):
-            rows = x[start : start + len(buffer)]
-            xs = buffer[: len(rows)].copy_(rows).sub_(shift)
-            total += xs.sum(0)
-            if cpu:  # gram^T in Fortran order is gram: syrk's upper triangle is its lower one
-                dsyrk(1.0, xs.numpy().T, beta=1.0, c=gram.numpy().T, trans=0, overwrite_c=1)
-            else:
-                gram.addmm_(xs.T, xs)
+    y = centred / factors.noise_variance.sqrt()
+    a = y @ factors.basis
+    residual = y - a @ factors.basis.T
+    quad = (residual**2).sum(1) + (a**2 / (1 + factors.singular_values**2)).sum(1)
+    return -0.5 * (centred.shape[1] * LOG_2PI + factors.log_det + quad)
 
 
-def symmetric_from_lower(lower: Tensor) -> Tensor:
-    return lower.tril() + lower.tril(-1).T
+def moments_at(cov: Tensor, factors: Factors) -> Moments:
+    """The E-step statistics from the covariance S: one D x D x M product."""
+    probe = factors.probe
+    sp = matmul(cov, probe)
+    return moments_from(sp, probe, cov.diagonal())
 
 
-def cholesky_of_precision(loadings: Tensor, noise_variance: Tensor) -> tuple[Tensor, Tensor]:
-    """V = Psi^-1 W and the Cholesky factor L of I + W^T V = G^-1 (M x M)."""
-    v = loadings / noise_variance[:, None]
-    eye = torch.eye(loadings.shape[1], dtype=loadings.dtype, device=loadings.device)
-    return v, torch.linalg.cholesky(eye + loadings.T @ v)
+def moments_from(sp: Tensor, probe: Tensor, var: Tensor) -> Moments:
+    """The statistics from S P (summed over the data when streaming) and diag S."""
+    psp = probe.T @ sp
+    return Moments(sp, (psp + psp.T) / 2, var)
 
 
-def log_likelihood_from_moments(
-    loadings: Tensor, noise_variance: Tensor, chol: Tensor, moments: Moments
-) -> Tensor:
-    """Exact mean log-likelihood per example, -1/2 [D log 2pi + log det C + tr(C^-1 S)]."""
-    dim = noise_variance.numel()
-    log_det = noise_variance.log().sum() + 2 * chol.diagonal().log().sum()
-    trace = (moments.var / noise_variance).sum() - (
-        torch.cholesky_inverse(chol) * moments.vsv
+def log_likelihood_from_moments(factors: Factors, moments: Moments) -> Tensor:
+    """Exact mean log-likelihood per example, -1/2 [D log 2pi + log det C + tr(C^-1 S)], with
+    tr(C^-1 S) = tr(S~) - sum_k s_k^2 / (1 + s_k^2) (U^T S~ U)_kk, S~ = Psi^(-1/2) S Psi^(-1/2)."""
+    s2 = factors.singular_values**2
+    trace = (moments.var / factors.noise_variance).sum() - (
+        s2 / (1 + s2) * moments.psp.diagonal()
     ).sum()
-    return -0.5 * (dim * LOG_2PI + log_det + trace)
+    return -0.5 * (moments.var.numel() * LOG_2PI + factors.log_det + trace)
+
+
+def _expectations(factors: Factors, moments: Moments) -> tuple[Tensor, Tensor]:
+    """Under the posterior q at ``factors``: mean of (x - mu) E[z]^T (D x M), S B^T with B the
+    posterior-mean map, and mean of E[z z^T] = G + B S B^T (M x M), returned in the rotated
+    frame R (multiply by R on the right, and R^T . R) as K = diag(1/(1+s^2)) + h P^T S P h."""
+    h = factors.shrinkage
+    s_beta = moments.sp * h
+    second = torch.diag(1 / (1 + factors.singular_values**2)) + h[:, None] * moments.psp * h
+    return s_beta, second
 
 
 def elbo_from_moments(
-    loadings: Tensor, noise_variance: Tensor, posterior_chol: Tensor, moments: Moments
+    loadings: Tensor, noise_variance: Tensor, posterior: Factors, moments: Moments
 ) -> Tensor:
     """Mean ELBO per example, E_q[log p(x, z)] + H[q], with q the posterior under the parameters
-    at which ``moments`` were taken (``posterior_chol``) and p under (loadings, noise_variance).
+    at which ``moments`` were taken (``posterior``) and p under (loadings, noise_variance).
 
-    Written as the expected complete-data log-likelihood, independently of the Woodbury form, so
-    that ELBO = log-likelihood right after an E-step is a real check.
+    Written as the expected complete-data log-likelihood, independently of the likelihood's
+    formula, so that ELBO = log-likelihood right after an E-step is a real check.
     """
     dim, latent = loadings.shape
-    cov = torch.cholesky_inverse(posterior_chol)  # G of q
-    s_beta = moments.sv @ cov  # S beta^T, beta = G V^T: mean of x E[z]^T
-    second = cov + cov @ moments.vsv @ cov  # mean of E[z z^T]
+    s_beta, second = _expectations(posterior, moments)
+    r = posterior.rotation
+    s_beta, second = s_beta @ r, r.T @ second @ r
     w_scaled = loadings / noise_variance[:, None]
     eye = torch.eye(latent, dtype=loadings.dtype, device=loadings.device)
     expected = (
@@ -144,42 +170,36 @@ def elbo_from_moments(
         - 2 * (s_beta * w_scaled).sum()
         + ((eye + loadings.T @ w_scaled) * second).sum()
     )
-    log_det_cov = -2 * posterior_chol.diagonal().log().sum()
+    log_det_cov = -torch.log1p(posterior.singular_values**2).sum()  # log det G
     return -0.5 * (expected - latent - log_det_cov)
 
 
-def m_step(moments: Moments, chol: Tensor, floor: float, isotropic: bool) -> tuple[Tensor, Tensor]:
-    """Closed-form M-step from the E-step statistics: W = (S beta^T) E[zz^T]^-1 and
-    Psi = max(diag(S - W beta S), floor), the exact maximiser under the floor constraint."""
-    cov = torch.cholesky_inverse(chol)
-    s_beta = moments.sv @ cov
-    second = cov + cov @ moments.vsv @ cov
-    loadings = torch.linalg.solve(second, s_beta.T).T
-    residual = moments.var - (loadings * s_beta).sum(1)
+def m_step(
+    factors: Factors, moments: Moments, floor: Tensor, isotropic: bool
+) -> tuple[Tensor, Tensor]:
+    """Closed-form M-step from the E-step statistics: W = (S B^T) E[zz^T]^-1 and
+    Psi = max(diag(S - W B S), floor), the exact maximiser under the floor constraint."""
+    s_beta, second = _expectations(factors, moments)
+    loadings = torch.linalg.solve(second, s_beta.T).T @ factors.rotation
+    residual = moments.var - (loadings * (s_beta @ factors.rotation)).sum(1)
     if isotropic:
         residual = residual.mean().expand_as(residual)
-    return loadings, residual.clamp_min(floor)
-
-
-def _times(cov: Tensor, v: Tensor) -> Tensor:
-    """S V, the one D x D x M product of an E-step; on the CPU through OpenBLAS, about 1.5x
-    faster than torch's MKL on AMD processors."""
-    if cov.device.type == "cpu":
-        return torch.from_numpy(cov.numpy() @ v.numpy())
-    return cov @ v
+    return loadings, torch.maximum(residual, floor)
 
 
 def e_step(cov: Tensor, loadings: Tensor, noise_variance: Tensor) -> EStep:
-    """E-step on the covariance: statistics, Cholesky factor and exact log-likelihood."""
-    v, chol = cholesky_of_precision(loadings, noise_variance)
-    sv = _times(cov, v)
-    moments = Moments(sv, v.T @ sv, cov.diagonal())
-    ll = log_likelihood_from_moments(loadings, noise_variance, chol, moments)
-    return EStep(moments, chol, ll)
+    """E-step on the covariance: factors, statistics and exact log-likelihood."""
+    factors = factorise(loadings, noise_variance)
+    moments = moments_at(cov, factors)
+    return EStep(factors, moments, log_likelihood_from_moments(factors, moments))
+
+
+def _em_step(cov: Tensor, state: EStep, floor: Tensor, isotropic: bool) -> EStep:
+    return e_step(cov, *m_step(state.factors, state.moments, floor, isotropic))
 
 
 def _squarem_step(
-    cov: Tensor, w: Tensor, psi: Tensor, state: EStep, floor: float, isotropic: bool
+    cov: Tensor, w: Tensor, psi: Tensor, state: EStep, floor: Tensor, isotropic: bool
 ) -> tuple[Tensor, Tensor, EStep]:
     """One SQUAREM cycle (Varadhan & Roland, 2008, step length S3) on (W, log Psi).
 
@@ -189,9 +209,9 @@ def _squarem_step(
     log-likelihood never decreases, and a kept extrapolation costs three E-steps: F(F(t)) is
     never evaluated. log Psi keeps the extrapolated variances positive.
     """
-    w1, psi1 = m_step(state.moments, state.chol, floor, isotropic)
+    w1, psi1 = m_step(state.factors, state.moments, floor, isotropic)
     state1 = e_step(cov, w1, psi1)
-    w2, psi2 = m_step(state1.moments, state1.chol, floor, isotropic)
+    w2, psi2 = m_step(state1.factors, state1.moments, floor, isotropic)
     log_psi, log_psi1 = psi.log(), psi1.log()
     r_w, r_p = w1 - w, log_psi1 - log_psi
     v_w, v_p = w2 - w1 - r_w, psi2.log() - log_psi1 - r_p
@@ -201,15 +221,13 @@ def _squarem_step(
     )
     if 1 < a < math.inf:  # a = 1 is the point of the two EM steps
         w3 = w + 2 * a * r_w + a**2 * v_w
-        psi3 = (log_psi + 2 * a * r_p + a**2 * v_p).exp().clamp_min(floor)
-        try:
+        psi3 = torch.maximum((log_psi + 2 * a * r_p + a**2 * v_p).exp(), floor)
+        if torch.isfinite(w3).all() and torch.isfinite(psi3).all():  # not an overflow
             state3 = e_step(cov, w3, psi3)
-            w4, psi4 = m_step(state3.moments, state3.chol, floor, isotropic)
+            w4, psi4 = m_step(state3.factors, state3.moments, floor, isotropic)
             state4 = e_step(cov, w4, psi4)
             if state4.log_likelihood >= state1.log_likelihood:  # False for NaN
                 return w4, psi4, state4
-        except torch.linalg.LinAlgError:  # an overflowing extrapolation: not positive definite
-            pass
     return w2, psi2, e_step(cov, w2, psi2)
 
 
@@ -218,35 +236,48 @@ def em_on_covariance(
     w: Tensor,
     psi: Tensor,
     *,
-    floor: float,
+    floor: Tensor,
     isotropic: bool,
     tol: float,
-    max_iter: int,
+    iterations: range,
     accelerate: bool,
-    record: Callable[[int, Tensor, Tensor], None],
+    record: Callable[[Iterate], None],
 ) -> tuple[Tensor, Tensor]:
     """EM on the covariance S from (w, psi) until an iteration gains less than ``tol`` nats
-    per example, or ``max_iter`` iterations. An iteration is one EM step, or with ``accelerate``
-    one SQUAREM cycle (three EM steps and an extrapolation: on MNIST about 4x fewer D x D x M
-    products than plain EM with the same ``tol``, and 100x closer to the optimum).
-    ``record(iteration, ll, elbo)`` is called at the start (iteration 0) and after every
-    iteration; the log-likelihood never decreases."""
+    per example, or the ``iterations`` run out. An iteration is one EM step, or with
+    ``accelerate`` one SQUAREM cycle (three EM steps and an extrapolation: on MNIST about 4x
+    fewer D x D x M products than plain EM with the same ``tol``, and 100x closer to the
+    optimum). ``record`` sees the start (``iterations.start - 1``) and every iterate.
+
+    The log-likelihood never decreases in exact arithmetic, so a negative gain is round-off of
+    a converged fit's likelihood, and so is a gain below tol: :func:`has_converged` stops on
+    either only once it is below ``tol`` in size, so that round-off cannot stop a fit early.
+    """
     state = e_step(cov, w, psi)
-    record(0, state.log_likelihood, elbo_from_moments(w, psi, state.chol, state.moments))
-    for iteration in range(1, max_iter + 1):
+    record(Iterate(iterations.start - 1, w, psi, state.log_likelihood, _elbo(w, psi, state)))
+    for iteration in iterations:
         if accelerate:
             w_new, psi_new, new = _squarem_step(cov, w, psi, state, floor, isotropic)
         else:
-            w_new, psi_new = m_step(state.moments, state.chol, floor, isotropic)
+            w_new, psi_new = m_step(state.factors, state.moments, floor, isotropic)
             new = e_step(cov, w_new, psi_new)
         gain = (new.log_likelihood - state.log_likelihood).item()
         w, psi, state = w_new, psi_new, new
-        record(
-            iteration, state.log_likelihood, elbo_from_moments(w, psi, state.chol, state.moments)
-        )
-        if gain < tol:
+        record(Iterate(iteration, w, psi, state.log_likelihood, _elbo(w, psi, state)))
+        if has_converged(gain, tol):
             break
     return w, psi
+
+
+def has_converged(gain: float, tol: float) -> bool:
+    """Whether an EM iteration's gain (nats per example) says the fit has converged: it is
+    smaller than ``tol`` in size. A negative gain larger than tol is the likelihood's round-off
+    (EM never lowers it) and does not stop the fit."""
+    return abs(gain) < tol or gain == 0
+
+
+def _elbo(w: Tensor, psi: Tensor, state: EStep) -> Tensor:
+    return elbo_from_moments(w, psi, state.factors, state.moments)
 
 
 def ppca_solution(
@@ -270,8 +301,8 @@ def leading_eigenpairs(
     generator = torch.Generator().manual_seed(seed)
     basis = torch.randn(cov.shape[0], k, generator=generator, dtype=cov.dtype).to(cov.device)
     for _ in range(iterations):
-        basis = torch.linalg.qr(_times(cov, basis)).Q
-    eigenvalues, vectors = torch.linalg.eigh(basis.T @ _times(cov, basis))
+        basis = torch.linalg.qr(matmul(cov, basis)).Q
+    eigenvalues, vectors = torch.linalg.eigh(basis.T @ matmul(cov, basis))
     return eigenvalues.flip(0), basis @ vectors.flip(1)
 
 

@@ -1,0 +1,356 @@
+"""The two ways :class:`~vaeflow.models.fa.FactorAnalysis` is fitted, each an explicit object.
+
+A fit is a sequence of passes over the data. Each pass sums float64 statistics batch by batch
+(:meth:`Pass.add`); at the end of the pass the sums are added up across processes, checked, and
+:meth:`Pass.finish` takes the M-step (or the start) and says which pass comes next, if any.
+
+- :class:`MomentsFitter`: one pass sums n, sum x and sum x x^T, then EM iterates on the D x D
+  covariance without touching the data again.
+- :class:`StreamingFitter`: a first pass for the mean and the feature variances (and a
+  randomised sketch for the PPCA start), then one plain EM iteration per pass, with only
+  D x M and M x M statistics.
+
+A fitter's :meth:`Fitter.state_dict` goes into checkpoints, so that a resumed fit continues
+from the checkpoint's iteration and parameters instead of starting over.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from vaeflow.errors import DataError
+from vaeflow.models.fa_blas import (
+    CHUNK_ROWS,
+    SMALL_WORK,
+    add_moments_,
+    single_thread_if,
+    symmetric_from_lower,
+)
+from vaeflow.models.fa_math import (
+    Iterate,
+    elbo_from_moments,
+    em_on_covariance,
+    factorise,
+    has_converged,
+    leading_eigenpairs,
+    log_likelihood_from_moments,
+    m_step,
+    moments_from,
+    ppca_solution,
+)
+
+if TYPE_CHECKING:
+    from vaeflow.models.fa import FactorAnalysis
+
+F64 = torch.float64
+
+
+class Pass(ABC):
+    """One pass over the data: float64 sums, then what their end does."""
+
+    def __init__(self, fitter: Fitter) -> None:
+        self.fitter = fitter
+        self.sums: list[Tensor] = []  # the first is the number of examples
+
+    def add(self, x: Tensor) -> None:
+        """Add one batch (N x D, any dtype) to the sums."""
+        if not self.sums:
+            self.sums = [x.new_zeros((), dtype=F64), *self.start(x)]
+        self.sums[0] += len(x)
+        self.accumulate(x, *self.sums[1:])
+
+    @abstractmethod
+    def start(self, x: Tensor) -> list[Tensor]:
+        """The zero sums, shaped from the first batch."""
+
+    @abstractmethod
+    def accumulate(self, x: Tensor, *sums: Tensor) -> None:
+        """Add one batch to ``sums`` in place."""
+
+    @abstractmethod
+    def finish(self, n: Tensor, *sums: Tensor) -> Pass | None:
+        """Use the pass's sums over every process; return the next pass (None: fitted)."""
+
+
+class FirstPass(Pass):
+    """Sums about a shift, rank 0's first batch mean, which avoids the cancellation in
+    E[xx^T] - mu mu^T when the mean is large against the spread (an offset of 1e6)."""
+
+    shift: Tensor
+
+    def start(self, x: Tensor) -> list[Tensor]:
+        shift = x.mean(0, dtype=F64)
+        self.shift = self.fitter.model.trainer.strategy.broadcast(shift, src=0)
+        return self.zeros(self.shift)
+
+    @abstractmethod
+    def zeros(self, shift: Tensor) -> list[Tensor]:
+        """The zero sums beside the count."""
+
+    def mean_and_variances(self, n: Tensor, total: Tensor, var: Tensor) -> Tensor:
+        """Set the mean (its exact maximum-likelihood value) and the feature variances from
+        the sums; ``var`` holds diag of the shifted second moment. Returns diag S."""
+        centre = total / n
+        self.fitter.model.mean.copy_(self.shift + centre)
+        var = (var - centre**2).clamp_min(0)
+        self.fitter.set_variances(var)
+        return var
+
+
+class Fitter(ABC):
+    """How a :class:`FactorAnalysis` is fitted: one object per fit, chosen once from ``method``.
+
+    Args:
+        model: the model whose parameters the fit writes.
+        state: :meth:`state_dict` of a checkpoint to resume from, or None for a fresh fit.
+    """
+
+    def __init__(self, model: FactorAnalysis, state: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.var: Tensor | None = None  # diag S, the feature variances
+        self.floor: Tensor | None = None  # per-feature lower bound of the noise variances
+        self.started = False  # whether the parameters hold an EM iterate
+        if state is not None:
+            self.load_state_dict(state)
+        self.current: Pass | None = self.first_pass()
+
+    @abstractmethod
+    def first_pass(self) -> Pass | None:
+        """The pass a fit (or a resumed fit) begins with."""
+
+    def add(self, x: Tensor) -> None:
+        """Add one batch (N x D) to the current pass."""
+        if self.current is not None:
+            self.current.add(x)
+
+    def end_pass(self) -> bool:
+        """Sum the pass over processes, check it, finish it. Returns whether the fit is done."""
+        if self.current is None:
+            return True
+        sums = self.current.sums
+        if not sums:
+            return False  # no batch in this pass (called twice at one epoch's end)
+        reduce = self.model.trainer.strategy.reduce
+        sums = [reduce(total, reduce_op="sum") for total in sums]
+        n = sums[0].item()
+        if n == 0:
+            raise DataError("FactorAnalysis: the training data set is empty; nothing was fitted")
+        # NaN and infinities propagate into the sums: one check per pass, not per batch.
+        if not all(torch.isfinite(total).all() for total in sums):
+            raise DataError(
+                "FactorAnalysis: the training data contain NaN or infinite values (or values "
+                "too large for float64 sums); clean or impute them before fitting"
+            )
+        with torch.no_grad(), torch.autocast(self.model.mean.device.type, enabled=False):
+            self.current = self.current.finish(*sums)
+        return self.current is None
+
+    def set_variances(self, var: Tensor) -> None:
+        """Keep the feature variances and the noise floor they imply (see FactorAnalysis)."""
+        if not (var > 0).any():
+            raise DataError(
+                "FactorAnalysis: every feature of the training data is constant (or there is "
+                "a single example): there is no covariance to model; fit at least two distinct "
+                "examples"
+            )
+        hparams = self.model.hparams
+        if self.model.isotropic:
+            floor = (hparams.noise_floor * var.mean()).expand_as(var)
+        else:
+            floor = torch.where(
+                var > 0, hparams.noise_floor * var, hparams.constant_feature_variance
+            )
+        self.var, self.floor = var, floor
+
+    def start(self, eigenpairs: tuple[Tensor, Tensor] | None) -> None:
+        """Set the starting parameters: closed-form PPCA from the leading eigenpairs of S (factor
+        analysis takes its residual variances diag(S - W W^T) rather than one sigma^2), or random
+        loadings drawn with ``seed`` when ``eigenpairs`` is None."""
+        model, var = self.model, self.var
+        if eigenpairs is None:
+            generator = torch.Generator().manual_seed(model.hparams.seed)
+            scale = math.sqrt(var.mean().item() / model.latent_dim)
+            loadings = torch.randn(model.dim, model.latent_dim, generator=generator, dtype=F64)
+            self.set(loadings.to(var.device) * scale, var)
+        else:
+            loadings, sigma2 = ppca_solution(*eigenpairs, model.latent_dim, var.sum(), model.dim)
+            self.set(loadings, sigma2 if model.isotropic else var - (loadings**2).sum(1))
+        self.started = True
+
+    def set(self, loadings: Tensor, noise_variance: Tensor) -> None:
+        self.model.loadings.copy_(loadings)
+        self.model.noise_variance.copy_(torch.maximum(noise_variance, self.floor))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the fit beyond the parameters and ``n_iter``."""
+        return {"started": self.started, "var": self.var}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.started = state["started"]
+        if state["var"] is not None:
+            self.set_variances(state["var"].to(self.model.mean))
+
+
+class MomentsFitter(Fitter):
+    """One pass for n, sum x and sum x x^T (float64, a few thousand rows per syrk), then EM on
+    the covariance S, accelerated by SQUAREM unless ``accelerate`` is off. A resumed fit
+    accumulates S again and continues EM from the checkpoint's parameters and iteration."""
+
+    def first_pass(self) -> Pass:
+        return CovariancePass(self)
+
+    def fit(self, cov: Tensor) -> None:
+        """Start (unless resumed), then EM on the covariance S."""
+        model = self.model
+        with single_thread_if(2 * model.dim**2 * model.latent_dim < SMALL_WORK):
+            if not self.started:
+                pairs = None
+                if model.hparams.init == "ppca":
+                    pairs = leading_eigenpairs(cov, 2 * model.latent_dim, model.hparams.seed)
+                self.start(pairs)
+                first = 1
+            else:
+                first = int(model.n_iter) + 1
+            w, psi = em_on_covariance(
+                cov,
+                model.loadings.detach().clone(),
+                model.noise_variance.detach().clone(),
+                floor=self.floor,
+                isotropic=model.isotropic,
+                tol=model.hparams.tol,
+                iterations=range(first, model.hparams.max_iter + 1),
+                accelerate=model.hparams.accelerate,
+                record=model.record,
+            )
+        self.set(w, psi)
+
+
+class CovariancePass(FirstPass):
+    fitter: MomentsFitter
+
+    def zeros(self, shift: Tensor) -> list[Tensor]:
+        dim = len(shift)
+        self.buffer = shift.new_empty(CHUNK_ROWS, dim)  # float64 rows for add_moments_
+        return [torch.zeros_like(shift), shift.new_zeros(dim, dim)]
+
+    def accumulate(self, x: Tensor, *sums: Tensor) -> None:
+        add_moments_(*sums, x, self.shift, self.buffer)
+
+    def finish(self, n: Tensor, *sums: Tensor) -> None:
+        total, gram = sums
+        cov = symmetric_from_lower(gram) / n
+        cov -= torch.outer(total / n, total / n)
+        self.mean_and_variances(n, total, cov.diagonal() + (total / n) ** 2)
+        self.fitter.fit(cov)
+        return None
+
+
+class StreamingFitter(Fitter):
+    """A first pass for the mean and variances, then one plain EM iteration per pass: the
+    statistics are D x M and M x M, for D too large for a D x D covariance."""
+
+    def __init__(self, model: FactorAnalysis, state: dict[str, Any] | None = None) -> None:
+        self.last_ll = -math.inf  # log-likelihood of the last EM pass
+        super().__init__(model, state)
+
+    def first_pass(self) -> Pass:
+        return EMPass(self) if self.started else VariancePass(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_ll": self.last_ll}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.last_ll = state["last_ll"]
+
+    def probe(self, like: Tensor) -> Tensor:
+        """Random D x K test matrix of the PPCA sketch (the same on every rank)."""
+        generator = torch.Generator().manual_seed(self.model.hparams.seed)
+        k = min(self.model.dim, 2 * self.model.latent_dim + 10)
+        return torch.randn(self.model.dim, k, generator=generator, dtype=F64).to(like.device)
+
+
+class VariancePass(FirstPass):
+    """n, sum x and sum x^2 (and, for the PPCA start, the sketch S Omega)."""
+
+    fitter: StreamingFitter
+
+    def zeros(self, shift: Tensor) -> list[Tensor]:
+        sums = [torch.zeros_like(shift), torch.zeros_like(shift)]
+        if self.fitter.model.hparams.init == "ppca":
+            self.omega = self.fitter.probe(shift)
+            sums.append(shift.new_zeros(self.omega.shape))
+        return sums
+
+    def accumulate(self, x: Tensor, *sums: Tensor) -> None:
+        xs = x.to(F64, copy=True).sub_(self.shift)
+        sums[0].add_(xs.sum(0))
+        sums[1].add_((xs**2).sum(0))
+        if len(sums) > 2:
+            sums[2].add_(xs.T @ (xs @ self.omega))
+
+    def finish(self, n: Tensor, *sums: Tensor) -> Pass:
+        total, squares = sums[:2]
+        self.mean_and_variances(n, total, squares / n)
+        if len(sums) == 2:
+            self.fitter.start(None)
+            return EMPass(self.fitter)
+        centre = total / n
+        sketch = sums[2] / n - torch.outer(centre, centre @ self.omega)
+        return SketchPass(self.fitter, torch.linalg.qr(sketch).Q)
+
+
+class CentredPass(Pass):
+    """Sums of (x - mu)^T (x - mu) P for a D x K matrix P, about the fitted mean."""
+
+    def __init__(self, fitter: Fitter, probe: Tensor) -> None:
+        super().__init__(fitter)
+        self.probe = probe
+
+    def start(self, x: Tensor) -> list[Tensor]:
+        return [self.probe.new_zeros(self.probe.shape)]
+
+    def accumulate(self, x: Tensor, *sums: Tensor) -> None:
+        xc = x.to(F64, copy=True).sub_(self.fitter.model.mean)
+        sums[0].add_(xc.T @ (xc @ self.probe))
+
+
+class SketchPass(CentredPass):
+    """Rayleigh-Ritz on the sketched range Q: eigenpairs of Q^T S Q give the PPCA start."""
+
+    def finish(self, n: Tensor, *sums: Tensor) -> Pass:
+        eigenvalues, vectors = torch.linalg.eigh(self.probe.T @ sums[0] / n)
+        self.fitter.start((eigenvalues.flip(0), self.probe @ vectors.flip(1)))
+        return EMPass(self.fitter)
+
+
+class EMPass(CentredPass):
+    """One EM iteration: the E-step statistics at the current parameters, the exact
+    log-likelihood there, then the M-step unless the fit has converged."""
+
+    fitter: StreamingFitter
+
+    def __init__(self, fitter: StreamingFitter) -> None:
+        model = fitter.model
+        self.factors = factorise(model.loadings.detach(), model.noise_variance.detach())
+        super().__init__(fitter, self.factors.probe)
+
+    def finish(self, n: Tensor, *sums: Tensor) -> Pass | None:
+        fitter, model = self.fitter, self.fitter.model
+        moments = moments_from(sums[0] / n, self.probe, fitter.var)
+        w, psi = model.loadings.detach(), model.noise_variance.detach()
+        ll = log_likelihood_from_moments(self.factors, moments)
+        model.record(
+            Iterate(int(model.n_iter), w, psi, ll, elbo_from_moments(w, psi, self.factors, moments))
+        )
+        gain, fitter.last_ll = ll.item() - fitter.last_ll, ll.item()
+        if has_converged(gain, model.hparams.tol) or int(model.n_iter) >= model.hparams.max_iter:
+            return None
+        fitter.set(*m_step(self.factors, moments, fitter.floor, model.isotropic))
+        model.n_iter += 1
+        return EMPass(fitter)
