@@ -25,7 +25,9 @@ class EpochMeans:
     def update(self, metrics: dict[str, Tensor], batch_size: int) -> None:
         """Add one batch's means (``metrics``, the same names every batch) over ``batch_size``
         examples: two tensor operations whatever the number of metrics."""
-        values = torch.stack([value.detach() for value in metrics.values()])  # no autograd node
+        # No autograd node; float64 whatever autocast made the metrics, so that neither the sums
+        # over an epoch nor the example count (exact in bfloat16 only up to 256) lose digits.
+        values = torch.stack([value.detach().double() for value in metrics.values()])
         if self.total is None:
             self.names, self.total = list(metrics), values * batch_size
         else:
