@@ -11,3 +11,11 @@ class ConfigError(VaeflowError, ValueError):
 
 class DataError(VaeflowError, ValueError):
     """A data set is missing, malformed, or does not fit the model (shape, support, NaN)."""
+
+
+class CheckpointError(VaeflowError, ValueError):
+    """A checkpoint is missing, unreadable, unsafe to load, or of another model."""
+
+
+class TrainingDiverged(VaeflowError, ArithmeticError):
+    """Training produced non-finite or exploding parameters; the last good checkpoint is kept."""
