@@ -24,7 +24,8 @@ from vaeflow.data import (
     InMemoryDataModule,
     MNISTDataModule,
 )
-from vaeflow.data.base import DynamicTransform, TensorLoader, binarize
+from vaeflow.data.loader import Stream, TensorLoader, random_stream
+from vaeflow.data.preprocess import BatchNoise, draw_bernoulli
 from vaeflow.data.torchvision import TorchvisionDataModule
 from vaeflow.errors import DataError
 
@@ -229,13 +230,15 @@ def test_flatten_on_and_off(digits: DigitsDataModule) -> None:
 def test_batches_are_slices_of_one_permutation_per_epoch(digits: DigitsDataModule) -> None:
     loader = digits.train_dataloader()
     data = digits.splits["train"]
-    for epoch_index in range(2):  # a new permutation every epoch, drawn with seed + epoch
-        generator = torch.Generator().manual_seed(digits.seed + epoch_index)
-        order = torch.randperm(len(data), generator=generator)
+    for epoch_index in (0, 1, 0):  # the order of the epoch Lightning sets, from its stream
+        loader.sampler.set_epoch(epoch_index)
+        stream = random_stream(digits.seed, Stream.ORDER, epoch_index)
+        order = torch.from_numpy(stream.permutation(len(data)))
         batches = list(loader)
         assert len(batches) == len(loader) == -(-len(data) // 64)
         assert [len(b) for b in batches[:-1]] == [64] * (len(batches) - 1)
         torch.testing.assert_close(torch.cat(batches), data[order], rtol=0, atol=0)
+    assert torch.equal(epoch(loader), epoch(loader)), "the epoch is set, not counted"
     evaluation = torch.cat(list(digits.val_dataloader()))
     torch.testing.assert_close(evaluation, digits.splits["val"], rtol=0, atol=0)
 
@@ -274,12 +277,15 @@ def numbered(tmp_path: Path) -> Path:
 
 def test_validation_split_reproducible_and_disjoint(numbered: Path) -> None:
     def rows(seed: int, split: str) -> set[int]:
-        module = ArrayDataModule(str(numbered), seed=seed, scale=False, val_fraction=0.25)
+        module = ArrayDataModule(str(numbered), seed=seed, val_fraction=0.25, test_fraction=0.2)
         module.setup()
-        return set(module.splits[split][:, 0].int().tolist())
+        values = module.splits[split][:, 0]
+        assert torch.equal(values, module.indices[split].to(values.dtype)), "indices: the rows"
+        return set(values.int().tolist())
 
     train, val, test = (rows(0, split) for split in ("train", "val", "test"))
-    assert len(val) == 40 and not train & val and not (train | val) & test
+    assert len(test) == 40 and len(val) == 40  # 25% of the 160 rows left after the test split
+    assert not train & val and not (train | val) & test
     assert train | val | test == set(range(200))
     assert rows(0, "val") == val
     assert rows(1, "val") != val
@@ -288,7 +294,7 @@ def test_validation_split_reproducible_and_disjoint(numbered: Path) -> None:
 
 def test_binarize_draws_bernoulli_variables() -> None:
     probabilities = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]).repeat(40_000, 1)
-    draws = binarize(probabilities, np.random.default_rng(0))
+    draws = draw_bernoulli(probabilities, np.random.default_rng(0))
     assert set(draws.unique().tolist()) == {0.0, 1.0}
     # 40,000 draws each: the standard error of a frequency is at most 0.0025
     torch.testing.assert_close(draws.mean(0), probabilities[0], rtol=0, atol=0.01)
@@ -334,9 +340,13 @@ def test_dynamic_noise_has_its_own_seeded_stream_per_epoch_and_process() -> None
 
     def epochs(seed: int, rank: int = 0, count: int = 2) -> list[Tensor]:
         loader = TensorLoader(
-            data, 8, transform=DynamicTransform(None, True), seed=seed, rank=rank, world_size=2
+            data, 8, transform=BatchNoise(None, bernoulli=True), seed=seed, rank=rank, world_size=2
         )
-        return [epoch(loader) for _ in range(count)]
+        passes = []
+        for index in range(count):
+            loader.sampler.set_epoch(index)
+            passes.append(epoch(loader))
+        return passes
 
     torch.manual_seed(0)
     first = epochs(seed=1)
@@ -431,11 +441,11 @@ def test_array_formats_round_trip(
     save: Callable[[Path], tuple[Path, str | None]], tmp_path: Path
 ) -> None:
     path, key = save(tmp_path / "data")
-    module = ArrayDataModule(str(path), key=key, scale=False, val_fraction=0.0)
+    module = ArrayDataModule(str(path), key=key, val_fraction=0.0)
     assert module.dims == (3,)
-    train, test = module.load()
-    assert test is None and module.value_range is None
-    np.testing.assert_array_equal(train.numpy(), DATA)
+    module.setup()
+    assert module.value_range is None and len(module.splits["test"]) == 0
+    np.testing.assert_array_equal(module.splits["train"].numpy(), DATA)
 
 
 def test_array_images_uint8_and_test_path(tmp_path: Path) -> None:
@@ -454,9 +464,11 @@ def test_array_images_uint8_and_test_path(tmp_path: Path) -> None:
     assert len(module.splits["train"]) + len(module.splits["val"]) == 30
 
 
-def test_array_float_data_scaled_by_their_range(tmp_path: Path) -> None:
+def test_array_float_data_scaled_by_their_range_when_asked(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", DATA - 3)
-    module = ArrayDataModule(str(tmp_path / "x.npy"), val_fraction=0.0)
+    module = ArrayDataModule(
+        str(tmp_path / "x.npy"), val_fraction=0.0, test_fraction=0.2, scale=True
+    )
     module.setup()
     every = torch.cat([module.splits["train"], module.splits["test"]])
     assert every.min() == 0.0 and every.max() == 1.0
@@ -465,7 +477,9 @@ def test_array_float_data_scaled_by_their_range(tmp_path: Path) -> None:
 def test_array_test_path_scaled_with_the_training_range(tmp_path: Path) -> None:
     np.save(tmp_path / "train.npy", np.linspace(0.0, 10.0, 40).reshape(20, 2))
     np.save(tmp_path / "test.npy", np.array([[2.0, 4.0], [6.0, 8.0]]))
-    module = ArrayDataModule(str(tmp_path / "train.npy"), test_path=str(tmp_path / "test.npy"))
+    module = ArrayDataModule(
+        str(tmp_path / "train.npy"), test_path=str(tmp_path / "test.npy"), scale=True
+    )
     module.setup()
     torch.testing.assert_close(module.splits["test"], torch.tensor([[0.2, 0.4], [0.6, 0.8]]))
 

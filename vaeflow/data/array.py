@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from vaeflow.data.base import InMemoryDataModule
+from vaeflow.data.base import InMemoryDataModule, Split, check_fraction
+from vaeflow.data.preprocess import Array
 from vaeflow.errors import DataError
-
-Array = np.ndarray | Tensor
 
 
 def _pick(arrays: Mapping[str, Any], key: str | None, path: Path) -> Any:
@@ -79,7 +79,8 @@ READERS: dict[str, Callable[[Path, str | None], Array]] = {
 
 
 def read_array(path: Path, key: str | None = None) -> Array:
-    """Read and check one array of examples, one per row: shape ``(N, ...)``, numeric, finite.
+    """Read and check one array of examples, one per row: shape ``(N, ...)``, numeric (the data
+    module checks that the values are finite as it copies them).
 
     Args:
         path: the file; its extension picks the reader.
@@ -124,27 +125,49 @@ class ArrayDataModule(InMemoryDataModule):
     """Data from a file of the user's: ``.npy``, ``.npz``, ``.pt`` (a tensor or a dict of
     tensors) or ``.csv`` (numbers, comma-separated, an optional header row).
 
-    Rows are examples. ``uint8`` data are taken as pixels in 0..255; other data are scaled by
-    their minimum and maximum.
+    Rows are examples. ``uint8`` data are taken as pixels in 0..255 and scaled to [0, 1]; other
+    data stay in their own units unless ``scale`` is set. Every row is used for training unless
+    ``val_fraction`` or ``test_fraction`` hold some out; ``indices`` says which rows went where.
 
     Args:
-        path: the training data (a test split is carved from it unless ``test_path`` is given).
+        path: the training data.
         key: the array to use when the file holds several (``.npz``, or a ``.pt`` dict).
-        test_path: optional file of test data, with the same shape per example.
+        test_path: optional file of test data, with the same shape per example (nothing is then
+            carved from ``path``).
+        test_fraction: fraction of ``path``'s rows held out as the test split (with a fixed
+            seed), for ``vaeflow test``; 0 keeps them all for training and validation.
+        scale: map the data to [0, 1] (uint8 by the pixel range, other data by their minimum and
+            maximum); by default only uint8 data are scaled.
         **kwargs: the options of :class:`~vaeflow.data.base.InMemoryDataModule`.
     """
 
     def __init__(
-        self, path: str, key: str | None = None, test_path: str | None = None, **kwargs: Any
+        self,
+        path: str,
+        key: str | None = None,
+        test_path: str | None = None,
+        test_fraction: float = 0.0,
+        scale: bool | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        check_fraction("test_fraction", test_fraction)
+        if test_path is not None and test_fraction > 0:
+            raise DataError(
+                f"test_fraction={test_fraction} and test_path={test_path} both ask for a test "
+                "split: keep test_path (the test data) or test_fraction (carved from path)"
+            )
         self.path = Path(path).expanduser()
         self.key = key
         self.test_path = None if test_path is None else Path(test_path).expanduser()
         self._raw: dict[Path, Array] = {}
+        files = [self.path] if self.test_path is None else [self.path, self.test_path]
+        pixels = all(str(self._array(file).dtype).endswith("uint8") for file in files)
+        super().__init__(scale=pixels if scale is None else scale, **kwargs)
+        self.test_fraction = test_fraction
+        self.value_range = (0, 255) if pixels else None
 
     def _array(self, path: Path) -> Array:
-        """The file's array, read once: ``dims`` needs it before the data load."""
+        """The file's array, read once (memory-mapped for ``.npy``: only its header so far)."""
         if path not in self._raw:
             self._raw[path] = read_array(path, self.key)
         return self._raw[path]
@@ -153,28 +176,25 @@ class ArrayDataModule(InMemoryDataModule):
     def example_shape(self) -> tuple[int, ...]:
         return tuple(self._array(self.path).shape[1:])
 
-    def load(self) -> tuple[Tensor, Tensor | None]:
-        train = self._tensor(self.path)
-        test = None if self.test_path is None else self._tensor(self.test_path)
+    @override
+    def source(self, split: Split) -> str:
+        return str(self.test_path if split == "test" and self.test_path else self.path)
+
+    @override
+    def missing_split_advice(self, split: Split) -> str:
+        if split != "test":
+            return super().missing_split_advice(split)
+        return "set test_fraction (e.g. 0.2) to hold out rows of path, or give a test_path"
+
+    @override
+    def load(self) -> tuple[Array, Array | None]:
+        """The arrays as read (the data module copies the rows it keeps); the cache lets go."""
+        train = self._array(self.path)
+        test = None if self.test_path is None else self._array(self.test_path)
+        self._raw.clear()
         if test is not None and test.shape[1:] != train.shape[1:]:
             raise DataError(
                 f"test_path {self.test_path} holds examples of shape {tuple(test.shape[1:])}, "
                 f"but path {self.path} holds examples of shape {tuple(train.shape[1:])}"
             )
-        pixels = train.dtype == torch.uint8 and (test is None or test.dtype == torch.uint8)
-        self.value_range = (0, 255) if pixels else None
         return train, test
-
-    def _tensor(self, path: Path) -> Tensor:
-        """Copy the file's array into memory (it may be memory-mapped) and check it is finite."""
-        array = self._array(path)
-        self._raw.pop(path)
-        tensor = torch.tensor(np.asarray(array)) if isinstance(array, np.ndarray) else array
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = ~torch.isfinite(tensor.flatten(1)).all(dim=1)
-            rows = bad.nonzero().flatten()
-            raise DataError(
-                f"{path} has NaN or infinite values in {len(rows)} examples (the first is row "
-                f"{rows[0].item()}); drop or impute them before training"
-            )
-        return tensor

@@ -16,6 +16,7 @@ class DigitsDataModule(InMemoryDataModule):
     """
 
     value_range = (0, 16)
+    test_fraction = 0.2
 
     @property
     def example_shape(self) -> tuple[int, ...]:
