@@ -3,31 +3,62 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace
 from jsonargparse.typing import import_object
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import (
+    ArgsType,
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
-from vaeflow.errors import ConfigError, VaeflowError
+from vaeflow.callbacks.tracking import config_filename, track_config
+from vaeflow.checkpointing import LAST, model_config, read_checkpoint
+from vaeflow.errors import CheckpointError, ConfigError
+from vaeflow.guards import interrupting_signal
 from vaeflow.registry import LIKELIHOODS, PRIORS, load_plugins
+from vaeflow.runs import claim_run_folders, resolve_last
+from vaeflow.steps_per_call import fitting
+from vaeflow.user_errors import check_config_files, explain
+from vaeflow.utils import as_list
 
 #: The default progress bar (see :meth:`VaeflowCLI.before_instantiate_classes`).
 PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
+#: Callbacks every run gets unless its config names one of the same kind: each is cheap, and
+#: together they make a run end safely (see :mod:`vaeflow.guards`, :mod:`vaeflow.checkpointing`).
+SAFETY_CALLBACKS = (
+    "vaeflow.guards.DivergenceGuard",
+    "vaeflow.guards.InterruptCheckpoint",
+    "vaeflow.checkpointing.RandomState",
+)
+#: ``--ckpt_path`` values that name no file (Lightning resolves them).
+CKPT_KEYWORDS = ("best", "hpc", "registry")
+#: Set to 1 (or pass ``--debug``) to see the traceback of a user error.
+DEBUG_VARIABLE = "VAEFLOW_DEBUG"
 #: Where runs go unless ``trainer.default_root_dir`` or a logger says otherwise.
 RUNS_DIR = "runs"
 
 
 class SaveConfig(SaveConfigCallback):
-    """Lightning's config saver, refusing with a clear message to overwrite an earlier run."""
+    """Lightning's config saver, refusing with a clear message to overwrite an earlier run,
+    writing into the run folder whatever the logger (:func:`~vaeflow.callbacks.run_dir`), and
+    sending the config to the loggers (:func:`~vaeflow.callbacks.tracking.track_config`)."""
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.config_filename = config_filename(trainer)
         try:
             super().setup(trainer, pl_module, stage)
         except RuntimeError as error:
@@ -37,6 +68,10 @@ class SaveConfig(SaveConfigCallback):
                 "trainer.default_root_dir, or keep a logger (the default), which gives every "
                 "run its own version folder"
             ) from error
+
+    @override
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        track_config(trainer, self.parser, self.config)
 
 
 class VaeflowCLI(LightningCLI):
@@ -59,22 +94,116 @@ class VaeflowCLI(LightningCLI):
             **kwargs,
         )
 
+    def fit(self, model: LightningModule, **kwargs: Any) -> None:
+        """``vaeflow fit``: Lightning's fit, wrapped by :func:`~vaeflow.steps_per_call.fitting`
+        (LightningCLI runs a subcommand by the CLI's method of that name where there is one)."""
+        with fitting(model):
+            self.trainer.fit(model, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.dims", "model.init_args.input_shape", apply_on="instantiate")
+        # Bits per dimension on the data's original grid. jsonargparse skips the link for a
+        # model without ``data_log_scale`` or a data module without ``log_scale``.
+        parser.link_arguments(
+            "data.log_scale", "model.init_args.data_log_scale", apply_on="instantiate"
+        )
+
+    @override
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """A parser that raises on a mistake instead of printing its usage (50 lines) first:
+        :func:`main` prints the mistake, then a one-line hint."""
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then settle ``--ckpt_path``: ``last`` is the latest run's ``last.ckpt``; a
+        file is checked and read safely, and the model it is used as decided from it and the
+        config (:func:`~vaeflow.checkpointing.model_config`), before Lightning reads it."""
+        super().parse_arguments(parser, args)
+        self._checkpoint_model = self._checkpoint_input_shape = None
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == LAST:
+            ckpt_path = config.ckpt_path = resolve_last(config.trainer, subcommand)
+        if ckpt_path is None or ckpt_path in (LAST, *CKPT_KEYWORDS):
+            return
+        checkpoint = read_checkpoint(ckpt_path)
+        model = config.get("model")
+        class_path = model.class_path if model is not None else None
+        init_args = model.init_args.as_dict() if model is not None and model.init_args else {}
+        class_path, init_args = model_config(checkpoint, Path(ckpt_path), class_path, init_args)
+        self.config = parser.parse_object(
+            {subcommand: {"model": {"class_path": class_path, "init_args": init_args}}},
+            self.config,
+        )
+        self._checkpoint_model = self.config[subcommand].model.clone()
+        self._checkpoint_input_shape = checkpoint.get("hyper_parameters", {}).get("input_shape")
 
     @override
     def before_instantiate_classes(self) -> None:
-        """Give the trainer a progress bar that redraws every few steps, unless the config names
-        one or turns the bar off: Lightning's default (rich) bar does work on every step, about
-        a tenth of a small model's step on the CPU (benchmarks/vae_mnist.py)."""
-        trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
-        if trainer.enable_progress_bar is False:
-            return
-        callbacks = trainer.callbacks or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if not any(issubclass(import_object(c.class_path), ProgressBar) for c in callbacks):
-            bar = Namespace(class_path=PROGRESS_BAR, init_args=Namespace(refresh_rate=25))
-            trainer.callbacks = [*callbacks, bar]
+        """Add the default callbacks and the atomic checkpoint writer, use the model settled by
+        :meth:`parse_arguments` (Lightning has merged the checkpoint's settings over the config
+        meanwhile), and claim the run's folder."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        callbacks = as_list(trainer.callbacks)
+        if trainer.enable_progress_bar is not False:
+            # Lightning's default (rich) bar does work on every step, about a tenth of a small
+            # model's step on the CPU (benchmarks/vae_mnist.py): this one redraws every 25.
+            callbacks = with_default(callbacks, ProgressBar, PROGRESS_BAR, refresh_rate=25)
+        if trainer.enable_checkpointing is not False:
+            # save_last: what --ckpt_path last resumes from
+            callbacks = with_default(
+                callbacks, ModelCheckpoint, import_path(ModelCheckpoint), save_last=True
+            )
+        for class_path in SAFETY_CALLBACKS:
+            callbacks = with_default(callbacks, import_object(class_path), class_path)
+        trainer.callbacks = callbacks
+        plugins = as_list(trainer.plugins)
+        if not any(is_class_config(p, CheckpointIO) for p in plugins):
+            trainer.plugins = [
+                *plugins,
+                Namespace(class_path="vaeflow.checkpointing.AtomicCheckpointIO"),
+            ]
+        if self._checkpoint_model is not None:
+            config.model = self._checkpoint_model
+        if self.subcommand is not None and not trainer.fast_dev_run:
+            claim_run_folders(trainer)
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        """Refuse a checkpoint of data of another shape than the data module's."""
+        super().after_instantiate_classes()
+        expected = self._checkpoint_input_shape
+        shape = getattr(self.model, "hparams", {}).get("input_shape")
+        if None not in (expected, shape) and tuple(expected) != tuple(shape):
+            raise CheckpointError(
+                f"the checkpoint's model takes examples of shape {tuple(expected)}, but the "
+                f"data module gives examples of shape {tuple(shape)}: use the data the "
+                "checkpoint was trained on (config.yaml in its run folder)"
+            )
+
+
+def is_class_config(value: Any, base: type) -> bool:
+    """Whether a config entry (a class-path block or an object) is of class ``base``."""
+    if isinstance(value, Namespace) and "class_path" in value:
+        return issubclass(import_object(value.class_path), base)
+    return isinstance(value, base)
+
+
+def with_default(callbacks: list[Any], base: type, class_path: str, **init_args: Any) -> list[Any]:
+    """``callbacks`` plus a ``class_path`` callback, unless one of class ``base`` is there."""
+    if any(is_class_config(callback, base) for callback in callbacks):
+        return callbacks
+    return [*callbacks, Namespace(class_path=class_path, init_args=Namespace(**init_args))]
+
+
+def import_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def print_registries() -> None:
@@ -93,24 +222,37 @@ def print_registries() -> None:
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the console script and of ``python -m vaeflow``."""
-    argv = sys.argv[1:] if args is None else args
-    if list(argv[:1]) == ["list"]:
+    """Entry point of the console script and of ``python -m vaeflow``.
+
+    Exit codes: 0 done; 2 a mistake in the input (or a diverged training run), printed without
+    a traceback unless ``--debug`` or ``VAEFLOW_DEBUG=1``; 128 + the signal when SIGINT (130)
+    or SIGTERM (143) interrupted training, after writing ``last.ckpt``.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    if argv[:1] == ["list"]:
         print_registries()
         return
     load_plugins()
     try:
-        VaeflowCLI(args=args)
+        check_config_files(argv)
+        if args is None:  # LightningCLI reads sys.argv (and DDP relaunches it): without --debug
+            sys.argv[1:] = argv
+        cli = VaeflowCLI(args=None if args is None else argv)
+    except SIGTERMException:  # Lightning's stop at SIGTERM; last.ckpt is written
+        sys.exit(128 + signal.SIGTERM)
     except Exception as error:
-        cause = user_error(error)
-        if cause is None:
+        message = None if debug else explain(error)
+        if message is None:
             raise
-        print(f"vaeflow: error: {cause}", file=sys.stderr)
+        subcommand = next((arg for arg in argv if not arg.startswith("-")), "fit")
+        print(
+            f"vaeflow: error: {message}\n(vaeflow {subcommand} --help lists the options; "
+            "--debug shows the traceback)",
+            file=sys.stderr,
+        )
         sys.exit(2)
-
-
-def user_error(error: BaseException | None) -> VaeflowError | None:
-    """The :class:`VaeflowError` behind ``error``, which jsonargparse or Lightning may wrap."""
-    while error is not None and not isinstance(error, VaeflowError):
-        error = error.__cause__ or error.__context__
-    return error
+    stopped = interrupting_signal(cli.trainer) if cli.subcommand else None
+    if stopped is not None:
+        sys.exit(128 + stopped)

@@ -1,0 +1,181 @@
+"""Callbacks that end a training run safely: on numerical divergence and on SIGINT or SIGTERM.
+
+- :class:`DivergenceGuard` stops training when the parameters turn non-finite or explode, with a
+  message naming the likely causes, and refuses to write such parameters into any checkpoint, so
+  the last checkpoint on disk is the last good one.
+- :class:`InterruptCheckpoint` lets the batch in progress finish when the run is interrupted,
+  writes ``last.ckpt`` (which ``--ckpt_path last`` resumes from) and ends the run with the
+  shell's code for the signal (130 for SIGINT, 143 for SIGTERM), never 0.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+from vaeflow.checkpointing import LAST
+from vaeflow.errors import TrainingDiverged
+
+
+def parameter_norm(module: LightningModule) -> float:
+    """The Euclidean norm of all the module's parameters together (inf or NaN if any is)."""
+    parameters = [p.detach() for p in module.parameters()]
+    return torch.nn.utils.get_total_norm(parameters).item() if parameters else 0.0
+
+
+class DivergenceGuard(Callback):
+    """Stops training when the parameters hold NaN or infinity, or grow ``max_growth``-fold.
+
+    A non-finite loss makes non-finite gradients and then non-finite parameters; a learning rate
+    far too large makes them explode first (Adam at lr 1e6 gives an ELBO of -6e15 per example
+    while every number stays finite). The parameters are checked every ``every_n_steps`` steps
+    (one norm, a few microseconds) and before every checkpoint is written, and logged metrics
+    before every checkpoint.
+
+    Args:
+        every_n_steps: training steps between checks.
+        max_growth: how many times its norm at the start of training the parameters' norm may
+            reach; healthy training stays within a few times.
+    """
+
+    def __init__(self, every_n_steps: int = 20, max_growth: float = 1e4) -> None:
+        self.every_n_steps = every_n_steps
+        self.max_growth = max_growth
+        self._initial_norm = math.inf
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._initial_norm = parameter_norm(pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx % self.every_n_steps == 0:
+            self.check(trainer, pl_module)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Raise before a diverged model reaches a checkpoint file."""
+        self.check(trainer, pl_module)
+        bad = [
+            name
+            for name, value in trainer.callback_metrics.items()
+            if not torch.isfinite(value).all()
+        ]
+        if bad:
+            self.stop(trainer, f"the logged {', '.join(sorted(bad))} are not finite")
+
+    def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        norm = parameter_norm(pl_module)
+        if not math.isfinite(norm):
+            self.stop(trainer, "the parameters hold NaN or infinite values")
+        if norm > self.max_growth * max(self._initial_norm, 1e-12):
+            self.stop(
+                trainer,
+                f"the parameters' norm grew from {self._initial_norm:.3g} to {norm:.3g} "
+                f"(more than {self.max_growth:g}-fold)",
+            )
+
+    @staticmethod
+    def stop(trainer: Trainer, what: str) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        lr = optimizer.param_groups[0].get("lr") if optimizer and optimizer.param_groups else None
+        callback = trainer.checkpoint_callback
+        kept = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        raise TrainingDiverged(
+            f"training diverged at epoch {trainer.current_epoch}, step {trainer.global_step}: "
+            f"{what}, and training stopped. Likely causes: a learning rate too large"
+            f"{f' (the optimiser has lr={lr:g}; try 3-10 times smaller)' if lr else ''}, a "
+            "variance floor too low for the data (a learned Gaussian likelihood's min_std), or "
+            "an encoder scale range that lets scales overflow; clipping gradients "
+            "(model.init_args.gradient_clip_val) also helps. No diverged checkpoint was written"
+            + (f"; the last good one is {kept}" if kept else "")
+        )
+
+
+class InterruptCheckpoint(Callback):
+    """On SIGINT (Ctrl+C) or SIGTERM (a scheduler's stop) during ``fit``: finish the batch,
+    write ``last.ckpt`` beside the run's checkpoints, and end with code 128 + the signal.
+
+    SIGTERM goes through Lightning's handler, which raises at the end of the batch; SIGINT is
+    caught here and stops the loop the same way (a second Ctrl+C stops at once, saving nothing).
+    """
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self._previous: Any = None
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.signal = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._record)
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+        print(
+            "\nvaeflow: interrupted, stopping after this batch (Ctrl+C again stops at once)",
+            file=sys.stderr,
+        )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.signal is not None:
+            trainer.should_stop = True
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.signal is not None:
+            self._save(trainer)
+
+    @override
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.signal = signal.SIGTERM
+            self._save(trainer)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _save(self, trainer: Trainer) -> None:
+        callback = trainer.checkpoint_callback
+        where = "no checkpoint was written (checkpointing is off)"
+        if callback is not None and getattr(callback, "dirpath", None):
+            path = Path(callback.dirpath) / f"{LAST}.ckpt"
+            trainer.save_checkpoint(path)
+            where = f"saved {path}; resume with --ckpt_path last (or --ckpt_path {path})"
+        print(
+            f"vaeflow: interrupted by {self.signal.name} at epoch {trainer.current_epoch}, "
+            f"step {trainer.global_step}: {where}",
+            file=sys.stderr,
+        )
+
+
+def interrupting_signal(trainer: Trainer) -> signal.Signals | None:
+    """The signal that interrupted the trainer's last fit, if one did."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, InterruptCheckpoint) and callback.signal is not None:
+            return callback.signal
+    return None

@@ -1,0 +1,117 @@
+"""Run folders: every run claims a version folder of its own, and earlier runs stay untouched.
+
+Lightning's CSV and TensorBoard loggers pick ``version_<n>`` as one more than the highest folder
+present and create it later, when they first write: two runs started together get the same
+folder, and a run pointed at an existing version deletes that run's ``metrics.csv``. Here the
+folder is claimed with ``mkdir`` (atomic: of two runs, one creates it and the other moves on to
+the next number) before any logger exists, and the logger is given that version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from jsonargparse import Namespace
+from jsonargparse.typing import import_object
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from vaeflow.checkpointing import LAST, latest_last_checkpoint
+from vaeflow.errors import ConfigError
+from vaeflow.utils import as_list
+
+#: Loggers whose runs live in ``<save_dir>/<name>/version_<n>``.
+VERSIONED = (CSVLogger, TensorBoardLogger)
+#: The versions the first process claimed, for the processes Lightning launches for the other
+#: ranks (they inherit its environment and must log to the same folders).
+VERSIONS_VARIABLE = "VAEFLOW_RUN_VERSIONS"
+
+
+def versioned_loggers(trainer: Namespace) -> list[Namespace]:
+    """The trainer config's loggers that keep runs in version folders."""
+    return [
+        logger
+        for logger in as_list(trainer.logger)
+        if isinstance(logger, Namespace)
+        and "class_path" in logger
+        and issubclass(import_object(logger.class_path), VERSIONED)
+    ]
+
+
+def run_root(logger: Namespace) -> Path:
+    """``<save_dir>/<name>``, the folder of a logger's version folders."""
+    return Path(logger.init_args.save_dir) / (logger.init_args.get("name") or "")
+
+
+def claim_run_folders(trainer: Namespace) -> None:
+    """Give each versioned logger of the trainer config a version folder no other run has.
+
+    Raises:
+        ConfigError: a version the config names holds an earlier run.
+    """
+    loggers = versioned_loggers(trainer)
+    if rank_zero_only.rank != 0:  # a process Lightning launched: the first one has claimed
+        versions = json.loads(os.environ.get(VERSIONS_VARIABLE, "[]"))
+        for logger, version in zip(loggers, versions, strict=False):
+            logger.init_args.version = version
+        return
+    for logger in loggers:
+        logger.init_args.version = claim(run_root(logger), logger.init_args.get("version"))
+    os.environ[VERSIONS_VARIABLE] = json.dumps([logger.init_args.version for logger in loggers])
+
+
+def claim(root: Path, version: int | str | None) -> int | str:
+    """Create the run folder ``root/version_<version>`` (the next free number when None)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if version is not None:
+        folder = root / (version if isinstance(version, str) else f"version_{version}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if any(folder.iterdir()):
+                raise ConfigError(
+                    f"{folder} holds an earlier run, which is kept as it is. Leave "
+                    "trainer.logger.init_args.version unset to get a new version_<n> folder, or "
+                    "choose an unused version. To continue that run, give --ckpt_path "
+                    f"{folder / 'checkpoints' / f'{LAST}.ckpt'} (the continued run gets a "
+                    "folder of its own)"
+                ) from None
+        return version
+    numbers = [
+        int(entry.name.removeprefix("version_"))
+        for entry in root.iterdir()
+        if entry.name.removeprefix("version_").isdigit() and entry.name.startswith("version_")
+    ]
+    number = max(numbers, default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{number}").mkdir()
+            return number
+        except FileExistsError:  # another run took it in the meantime
+            number += 1
+
+
+def resolve_last(trainer: Namespace, subcommand: str) -> str | None:
+    """What ``--ckpt_path last`` means: the ``last.ckpt`` of the latest run of the config's
+    logger (``<save_dir>/<name>/version_<n>``), or None (start afresh) when no run has one.
+
+    Lightning would look only in the new run's own folder, which is empty.
+
+    Raises:
+        ConfigError: ``validate``/``test``/``predict`` with no last checkpoint to evaluate.
+    """
+    loggers = versioned_loggers(trainer)
+    if not loggers:
+        return LAST  # no version folders: Lightning looks in default_root_dir/checkpoints
+    root = run_root(loggers[0])
+    found = latest_last_checkpoint(root)
+    if found is not None:
+        return str(found)
+    where = root / "version_*" / "checkpoints" / f"{LAST}.ckpt"
+    if subcommand != "fit":
+        raise ConfigError(f"--ckpt_path last: no checkpoint {where}; give a checkpoint's path")
+    print(f"vaeflow: --ckpt_path last: no {where} yet, so training starts afresh", file=sys.stderr)
+    return None
