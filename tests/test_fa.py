@@ -4,6 +4,8 @@ with scikit-learn and the closed-form PPCA solution, DDP, checkpoints and the CL
 from __future__ import annotations
 
 import csv
+import gzip
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +14,16 @@ import torch
 from lightning.pytorch import Trainer
 from scipy.linalg import solve_triangular
 from scipy.stats import multivariate_normal
+from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.decomposition import FactorAnalysis as SklearnFA
 from sklearn.decomposition._factor_analysis import _ortho_rotation
 from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader
 
 from vaeflow.cli import main
-from vaeflow.data import SyntheticFADataModule
+from vaeflow.data import ArrayDataModule, SyntheticFADataModule
 from vaeflow.errors import ConfigError, DataError
+from vaeflow.metrics import bits_per_dim
 from vaeflow.models import FactorAnalysis
 from vaeflow.models.fa import MIN_NOISE_FLOOR
 from vaeflow.models.fa_blas import add_moments_, symmetric_from_lower
@@ -395,6 +399,85 @@ def test_a_large_offset_fits_as_well_as_the_centred_data(method: str) -> None:
     np.testing.assert_allclose(ll.numpy(), dense_log_likelihood(shifted, centred + 1e6), rtol=1e-7)
 
 
+def test_rescaling_features_rescales_the_fit() -> None:
+    """The noise floor is relative to each feature's variance, so features rescaled by factors
+    from 1e-3 to 1e3 give the same fit in the new units, and the log-likelihood moves by the
+    log-Jacobian. Before, one absolute floor bound some features and not others."""
+    x, scale = collinear()[:, :6], torch.logspace(-3, 3, 6, dtype=F64)
+    plain, scaled = fit_array(x, 2, tol=1e-12), fit_array(x * scale, 2, tol=1e-12)
+    torch.testing.assert_close(scaled.mean, plain.mean * scale, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        scaled.noise_variance, plain.noise_variance * scale**2, rtol=1e-5, atol=0
+    )
+    expected = covariance(plain) * scale[:, None] * scale
+    # SQUAREM's step length is not scale-free: the two fits stop at slightly different points
+    torch.testing.assert_close(covariance(scaled), expected, rtol=1e-4, atol=0)
+    shifted = plain.log_likelihood(x) - scale.log().sum()
+    torch.testing.assert_close(scaled.log_likelihood(x * scale), shifted, rtol=0, atol=1e-5)
+
+
+def test_at_a_tiny_tol_the_fit_reaches_the_converged_likelihood() -> None:
+    """Raw breast-cancer features (variances 4e-6 to 3e5): at tol = 1e-12 the fit ends where
+    a fit run for a fixed large number of iterations ends (the log-likelihood's round-off
+    here is about 1e-9). Before, a round-off "gain" of -1e-7 stopped it 2.7e-4 nats short, and
+    a single round-off gain of 2e-13 stopped it 4e-6 short."""
+    x = torch.from_numpy(load_breast_cancer().data)
+    converged = fit_array(x, 5, tol=0.0, max_iter=1500).log_likelihood(x).mean().item()
+    tiny = fit_array(x, 5, tol=1e-12, max_iter=1500).log_likelihood(x).mean().item()
+    assert tiny >= converged - 1e-9
+
+
+def test_without_input_shape_the_model_takes_the_data_module_dims(tmp_path: Path) -> None:
+    data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2)
+    model = FactorAnalysis(latent_dim=2)
+    fit = trainer(default_root_dir=tmp_path)
+    fit.fit(model, datamodule=data)
+    assert model.loadings.shape == (8, 2) and model.hparams.input_shape == (8,)
+    fit.save_checkpoint(tmp_path / "fa.ckpt")
+    reloaded = FactorAnalysis.load_from_checkpoint(tmp_path / "fa.ckpt")
+    x = train_data(data)
+    torch.testing.assert_close(reloaded.log_likelihood(x), model.log_likelihood(x))
+    with pytest.raises(ConfigError, match="give input_shape"):
+        trainer().fit(FactorAnalysis(latent_dim=2), train_dataloaders=DataLoader(x, batch_size=9))
+
+
+def test_bits_per_dim_rows_come_from_the_data_log_scale() -> None:
+    data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2)
+    model = fitted(data, data_log_scale=math.log(256))
+    for row in model.history:
+        expected = bits_per_dim(
+            torch.tensor(row["train/log_likelihood"], dtype=F64), 8, math.log(256)
+        )
+        assert row["train/bits_per_dim"] == pytest.approx(expected.item(), rel=1e-12)
+    assert FactorAnalysis.order_free_passes
+
+
+@pytest.mark.parametrize("method", ["moments", "streaming"])
+def test_a_resumed_fit_continues_em_and_ends_at_the_uninterrupted_fit(
+    method: str, tmp_path: Path
+) -> None:
+    """Interrupted by an epoch budget (streaming) or an iteration budget (moments), then resumed
+    from the checkpoint: EM continues from its iteration and parameters. Before, it restarted
+    at iteration 0 and ended elsewhere."""
+    data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2)
+    kwargs = dict(method=method, init="random", tol=0.0)
+    whole = fitted(data, max_iter=12, **kwargs)
+    half = FactorAnalysis(
+        data.dims, latent_dim=2, max_iter=12 if method == "streaming" else 5, **kwargs
+    )
+    trainer(max_epochs=6, enable_checkpointing=True, default_root_dir=tmp_path).fit(
+        half, datamodule=data
+    )
+    assert 0 < int(half.n_iter) < 12
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    resumed = FactorAnalysis(data.dims, latent_dim=2, max_iter=12, **kwargs)
+    trainer().fit(resumed, datamodule=data, ckpt_path=checkpoint)
+    assert int(resumed.n_iter) == int(whole.n_iter) == 12
+    assert resumed.history[0]["train/log_likelihood"] > whole.history[0]["train/log_likelihood"]
+    torch.testing.assert_close(resumed.loadings, whole.loadings, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(resumed.noise_variance, whole.noise_variance, rtol=1e-9, atol=1e-12)
+
+
 def test_latent_dim_not_below_the_data_dimension_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="latent_dim must be between 1 and D - 1 = 4"):
         FactorAnalysis((5,), latent_dim=5)
@@ -415,6 +498,72 @@ def test_an_empty_data_set_is_a_data_error() -> None:
         trainer().fit(model, train_dataloaders=DataLoader(torch.empty(0, 5), batch_size=10))
     with pytest.raises(DataError, match="at least one example"):
         SyntheticFADataModule(num_train=0).setup()
+
+
+# -- a user's own array through `vaeflow fit` ----------------------------------------------------
+
+
+def heteroscedastic(n: int = 3000, dim: int = 15, latent: int = 4) -> np.ndarray:
+    """Data from a known factor model with noise variances from 0.01 to 4."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(dim, latent)) * 2
+    noise = np.sqrt(np.geomspace(0.01, 4, dim))
+    return rng.normal(size=(n, latent)) @ w.T + rng.normal(size=(n, dim)) * noise + 50
+
+
+def standardised(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean(0)) / x.std(0)
+
+
+def fashion_rows(root: Path, rows: int = 2000) -> np.ndarray:
+    """The first Fashion-MNIST training images, as floats in the user's 0..255 units."""
+    with gzip.open(root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz") as file:
+        pixels = np.frombuffer(file.read(), np.uint8, offset=16).reshape(-1, 784)
+    return pixels[:rows].astype(np.float64)
+
+
+USER_ARRAYS = {
+    "synthetic": (lambda root: heteroscedastic(), 4),
+    "digits": (lambda root: load_digits().data, 10),  # three constant pixels
+    "breast_cancer_raw": (lambda root: load_breast_cancer().data, 5),  # variances 4e-6..3e5
+    "breast_cancer_standardised": (lambda root: standardised(load_breast_cancer().data), 5),
+    "fashion_mnist_rows": (fashion_rows, 16),
+}
+
+
+@pytest.mark.parametrize("name", USER_ARRAYS)
+def test_vaeflow_fit_on_a_users_array_is_at_least_scikit_learn(
+    name: str, tmp_path: Path, monkeypatch, request
+) -> None:
+    """`vaeflow fit` with a YAML of only ArrayDataModule(path) and FactorAnalysis(latent_dim):
+    on the training rows (``indices``) the fit's log-likelihood is at least scikit-learn's
+    FactorAnalysis fitted to the same rows (within 1e-3 nats per example), and the parameters
+    are in the user's units: scikit-learn scores the user's rows with them as vaeflow does."""
+    make, latent = USER_ARRAYS[name]
+    root = request.getfixturevalue("mnist_root") if name.startswith("fashion") else None
+    x = make(root)
+    monkeypatch.chdir(tmp_path)
+    np.save("user.npy", x)
+    Path("run.yaml").write_text(
+        "data:\n  class_path: vaeflow.data.ArrayDataModule\n  init_args:\n    path: user.npy\n"
+        "model:\n  class_path: vaeflow.models.FactorAnalysis\n  init_args:\n"
+        f"    latent_dim: {latent}\n"
+    )
+    main(["fit", "--config", "run.yaml", "--trainer.enable_progress_bar", "false"])
+    (checkpoint,) = Path("runs").rglob("*.ckpt")
+    model = FactorAnalysis.load_from_checkpoint(checkpoint)
+    data = ArrayDataModule("user.npy")
+    data.setup("fit")
+    rows = x[data.indices["train"].numpy()]
+    ours = model.log_likelihood(torch.from_numpy(rows)).mean().item()
+    with threadpool_limits(limits=1):
+        reference = SklearnFA(latent, random_state=0).fit(rows)
+    assert ours >= reference.score(rows) - 1e-3
+    np.testing.assert_allclose(model.mean.detach().numpy(), rows.mean(0), rtol=1e-10, atol=1e-10)
+    reference.components_ = model.loadings.detach().numpy().T
+    reference.noise_variance_ = model.noise_variance.detach().numpy()
+    reference.mean_ = model.mean.detach().numpy()
+    assert reference.score(rows) == pytest.approx(ours, rel=1e-9, abs=1e-9)
 
 
 # -- checkpoints, DDP and the command line -------------------------------------------------------
@@ -456,7 +605,8 @@ def test_cli_fits_and_predict_writes_the_latent_codes(tmp_path: Path, monkeypatc
     main(["fit", "--config", config, "--trainer.enable_progress_bar", "false"])
     run = tmp_path / "runs" / "vaeflow" / "version_0"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert {"train/log_likelihood", "train/elbo", "val/log_likelihood"} <= set(rows[0])
+    columns = {"train/log_likelihood", "train/elbo", "train/bits_per_dim", "val/log_likelihood"}
+    assert columns | {"val/bits_per_dim"} <= set(rows[0])
     assert len(rows) > 2  # one row per EM iteration
     # every row, validation included, is on the EM-iteration axis: no step means two iterations
     assert all(row["step"] == row["em_iteration"] for row in rows)

@@ -256,17 +256,18 @@ class StreamingFitter(Fitter):
 
     def __init__(self, model: FactorAnalysis, state: dict[str, Any] | None = None) -> None:
         self.last_ll = -math.inf  # log-likelihood of the last EM pass
+        self.last_gain = math.inf  # and its gain over the one before
         super().__init__(model, state)
 
     def first_pass(self) -> Pass:
         return EMPass(self) if self.started else VariancePass(self)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_ll": self.last_ll}
+        return {**super().state_dict(), "last_ll": self.last_ll, "last_gain": self.last_gain}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.last_ll = state["last_ll"]
+        self.last_ll, self.last_gain = state["last_ll"], state["last_gain"]
 
     def probe(self, like: Tensor) -> Tensor:
         """Random D x K test matrix of the PPCA sketch (the same on every rank)."""
@@ -348,8 +349,10 @@ class EMPass(CentredPass):
         model.record(
             Iterate(int(model.n_iter), w, psi, ll, elbo_from_moments(w, psi, self.factors, moments))
         )
-        gain, fitter.last_ll = ll.item() - fitter.last_ll, ll.item()
-        if has_converged(gain, model.hparams.tol) or int(model.n_iter) >= model.hparams.max_iter:
+        previous, fitter.last_gain = fitter.last_gain, ll.item() - fitter.last_ll
+        fitter.last_ll = ll.item()
+        converged = has_converged(previous, fitter.last_gain, model.hparams.tol)
+        if converged or int(model.n_iter) >= model.hparams.max_iter:
             return None
         fitter.set(*m_step(self.factors, moments, fitter.floor, model.isotropic))
         model.n_iter += 1

@@ -249,12 +249,11 @@ def em_on_covariance(
     fewer D x D x M products than plain EM with the same ``tol``, and 100x closer to the
     optimum). ``record`` sees the start (``iterations.start - 1``) and every iterate.
 
-    The log-likelihood never decreases in exact arithmetic, so a negative gain is round-off of
-    a converged fit's likelihood, and so is a gain below tol: :func:`has_converged` stops on
-    either only once it is below ``tol`` in size, so that round-off cannot stop a fit early.
+    The stopping rule is :func:`has_converged`, on the last two gains.
     """
     state = e_step(cov, w, psi)
     record(Iterate(iterations.start - 1, w, psi, state.log_likelihood, _elbo(w, psi, state)))
+    previous = math.inf
     for iteration in iterations:
         if accelerate:
             w_new, psi_new, new = _squarem_step(cov, w, psi, state, floor, isotropic)
@@ -264,16 +263,19 @@ def em_on_covariance(
         gain = (new.log_likelihood - state.log_likelihood).item()
         w, psi, state = w_new, psi_new, new
         record(Iterate(iteration, w, psi, state.log_likelihood, _elbo(w, psi, state)))
-        if has_converged(gain, tol):
+        if has_converged(previous, gain, tol):
             break
+        previous = gain
     return w, psi
 
 
-def has_converged(gain: float, tol: float) -> bool:
-    """Whether an EM iteration's gain (nats per example) says the fit has converged: it is
-    smaller than ``tol`` in size. A negative gain larger than tol is the likelihood's round-off
-    (EM never lowers it) and does not stop the fit."""
-    return abs(gain) < tol or gain == 0
+def has_converged(previous: float, gain: float, tol: float) -> bool:
+    """Whether the last two EM gains (nats per example) say the fit has converged: both are at
+    most ``tol`` in size. EM never lowers the likelihood, so a negative gain is round-off
+    (about 1e-16 times sum_d S_dd / Psi_d: 1e-9 on raw breast-cancer features); one gain
+    below tol can be round-off too, and stopped fits 2.7e-4 nats short at tol = 1e-12. Two in a
+    row cost one more iteration at a tol above the round-off, and below it the fit runs on."""
+    return abs(previous) <= tol and abs(gain) <= tol
 
 
 def _elbo(w: Tensor, psi: Tensor, state: EStep) -> Tensor:
