@@ -53,6 +53,10 @@ class DiagonalNormal(Independent):
     def __init__(self, loc: Tensor, scale: Tensor) -> None:
         super().__init__(Normal(loc, scale, validate_args=False), 1, validate_args=False)
 
+    def marginals(self) -> Normal:
+        """The per-dimension Gaussians (batch shape ``(*batch, latent_dim)``)."""
+        return self.base_dist
+
 
 class StandardNormal(Normal):
     """N(0, 1) per element: a type of its own, so that the KL from a Gaussian posterior takes
