@@ -135,6 +135,10 @@ class TensorLoader:
         world_size: number of processes sharing the data.
     """
 
+    #: Lightning reads a loader as a ``DataLoader``: a ``sampler`` (here :class:`ShardSampler`,
+    #: which yields whole batches of rows) and a ``batch_sampler`` (none besides it).
+    batch_sampler = None
+
     def __init__(
         self,
         data: Tensor,
