@@ -1,8 +1,7 @@
-"""Callbacks the models bring along: writing what ``vaeflow predict`` computes."""
+"""Writing what ``vaeflow predict`` computes: the latent codes, into the run folder."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,6 +9,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
+
+from vaeflow.callbacks.tracking import run_dir
 
 #: The file ``vaeflow predict`` writes into the run folder.
 LATENTS_FILE = "latents.pt"
@@ -32,7 +33,7 @@ class LatentCodeWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         latents = torch.cat(predictions).cpu()
         extras = getattr(pl_module, "prediction_extras", dict)()
