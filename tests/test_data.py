@@ -8,13 +8,16 @@ import pickle
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from jsonargparse import ArgumentParser
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from torchvision.datasets import CIFAR10
+from typing_extensions import override
 
 from vaeflow.data import (
     ArrayDataModule,
@@ -24,6 +27,7 @@ from vaeflow.data import (
     InMemoryDataModule,
     MNISTDataModule,
 )
+from vaeflow.data.base import ORDER_FREE_BATCH_BYTES
 from vaeflow.data.loader import Stream, TensorLoader, random_stream
 from vaeflow.data.preprocess import BatchNoise, draw_bernoulli
 from vaeflow.data.torchvision import TorchvisionDataModule
@@ -561,3 +565,109 @@ def test_array_test_path_of_another_shape(tmp_path: Path) -> None:
     module = ArrayDataModule(str(tmp_path / "train.npy"), test_path=str(tmp_path / "test.npy"))
     with pytest.raises(DataError, match=r"examples of shape \(2,\), but path .* shape \(3,\)"):
         module.setup()
+
+
+# -- epochs from Lightning, order-free models, loading cost ---------------------------------------
+
+
+class FirstBatches(LightningModule):
+    """Records the first training batch of every epoch; learns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.first: dict[int, Tensor] = {}
+        self.batch_shapes: list[tuple[int, ...]] = []
+        self.views = True
+
+    @override
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.first[self.current_epoch] = batch.clone()
+        self.batch_shapes.append(tuple(batch.shape))
+        stored = self.trainer.datamodule.splits["train"]
+        self.views &= batch.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class OrderFree(FirstBatches):
+    order_free_passes = True
+
+
+def digits_streams() -> DigitsDataModule:
+    """Shuffled and dynamically binarised: both random streams depend on the epoch."""
+    return DigitsDataModule(batch_size=50, binarize="dynamic", val_fraction=0.0)
+
+
+FEW_BATCHES = {"limit_train_batches": 2}
+
+
+def test_resumed_run_sees_the_batches_of_an_uninterrupted_one(
+    silent_trainer: Callable[..., Trainer], tmp_path: Path
+) -> None:
+    whole_run = FirstBatches()
+    silent_trainer(max_epochs=3, **FEW_BATCHES).fit(whole_run, digits_streams())
+    first_part = FirstBatches()
+    trainer = silent_trainer(max_epochs=1, **FEW_BATCHES)
+    trainer.fit(first_part, digits_streams())
+    trainer.save_checkpoint(tmp_path / "epoch0.ckpt")
+    resumed = FirstBatches()
+    silent_trainer(max_epochs=3, **FEW_BATCHES).fit(
+        resumed, digits_streams(), ckpt_path=tmp_path / "epoch0.ckpt"
+    )
+    assert sorted(resumed.first) == [1, 2]
+    for epoch_index in (0, 1, 2):
+        run = first_part if epoch_index == 0 else resumed
+        assert torch.equal(run.first[epoch_index], whole_run.first[epoch_index]), epoch_index
+    assert not torch.equal(whole_run.first[0], whole_run.first[1]), "a new order every epoch"
+
+
+def test_loaders_rebuilt_every_epoch_keep_the_epoch_streams(
+    silent_trainer: Callable[..., Trainer],
+) -> None:
+    whole_run, reloaded = FirstBatches(), FirstBatches()
+    silent_trainer(max_epochs=3, **FEW_BATCHES).fit(whole_run, digits_streams())
+    silent_trainer(max_epochs=3, reload_dataloaders_every_n_epochs=1, **FEW_BATCHES).fit(
+        reloaded, digits_streams()
+    )
+    for epoch_index in (0, 1, 2):
+        assert torch.equal(reloaded.first[epoch_index], whole_run.first[epoch_index])
+    assert not torch.equal(whole_run.first[1], whole_run.first[2]), "a new order every epoch"
+
+
+def test_order_free_models_get_large_unshuffled_views(
+    silent_trainer: Callable[..., Trainer],
+) -> None:
+    data = DigitsDataModule(batch_size=10, val_fraction=0.0)  # shuffle: true by default
+    ordinary, order_free = FirstBatches(), OrderFree()
+    silent_trainer().fit(ordinary, data)
+    silent_trainer().fit(order_free, DigitsDataModule(batch_size=10, val_fraction=0.0))
+    train = data.splits["train"]
+    assert len(ordinary.batch_shapes) == -(-len(train) // 10) and not ordinary.views
+    # 1,438 examples of 64 float32 values: far below ORDER_FREE_BATCH_BYTES, so one batch,
+    # a view of the stored tensor in its stored order
+    assert order_free.batch_shapes == [tuple(train.shape)] and order_free.views
+    assert torch.equal(order_free.first[0], train)
+
+
+def test_order_free_batch_size_follows_the_example_size() -> None:
+    example_bytes = 784 * 4
+    module = DigitsDataModule(batch_size=7)
+    module.trainer = SimpleNamespace(lightning_module=OrderFree())  # all batch_rows reads
+    rows, shuffle = module.batch_rows(torch.zeros(2, 784))
+    assert not shuffle and rows == ORDER_FREE_BATCH_BYTES // example_bytes
+    assert 10 * 2**20 <= rows * example_bytes <= ORDER_FREE_BATCH_BYTES  # tens of MB
+
+
+@pytest.mark.parametrize("size", [12, 13])
+def test_order_free_shares_under_ddp_stay_exact_and_balanced(size: int) -> None:
+    data = torch.arange(float(size))[:, None]
+    loaders = [TensorLoader(data, 1000, rank=r, world_size=2) for r in (0, 1)]
+    shards = [torch.cat(list(loader)) for loader in loaders]
+    assert [len(loader) for loader in loaders] == [1, 1]
+    assert abs(len(shards[0]) - len(shards[1])) <= 1
+    assert torch.equal(torch.cat(shards), data), "contiguous shares, every example once"
