@@ -42,6 +42,9 @@ RUN_SETTINGS = frozenset(
         "num_samples",
         "estimator",
         "beta",
+        "kl_warmup_steps",
+        "free_bits",
+        "dreg",
         "optimizer",
         "lr_scheduler",
         "training",
@@ -113,15 +116,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():
-            raise unreadable(path, error) from error
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if found is None:  # not a pickle of objects: bytes of something else
+            raise unreadable(path, error) from error
         raise CheckpointError(
-            f"checkpoint {path} holds pickled Python objects"
-            f"{f' ({found.group(1)})' if found else ''} that only running their code could "
-            "rebuild, so vaeflow does not load it (weights_only loading). If you trust the file, "
-            "load it in Python with torch.load(path, weights_only=False) and save a checkpoint "
-            "of plain tensors and values (a vaeflow run writes such checkpoints)"
+            f"checkpoint {path} holds pickled Python objects ({found.group(1)}) that only "
+            "running their code could rebuild, so vaeflow does not load it (weights_only "
+            "loading). If you trust the file, load it in Python with "
+            "torch.load(path, weights_only=False) and save a checkpoint of plain tensors and "
+            "values (a vaeflow run writes such checkpoints)"
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise unreadable(path, error) from error
@@ -168,8 +171,8 @@ def model_config(
     """The model (class path, init args) that a checkpoint is evaluated or resumed as.
 
     The checkpoint decides the class and what its parameters mean (sizes, families, networks);
-    the command's config decides the :data:`RUN_SETTINGS`. A config value that is neither the
-    class's default nor the checkpoint's value contradicts the checkpoint and is refused.
+    the command's config decides the :data:`RUN_SETTINGS`. A config value that is neither None,
+    the class's default nor the checkpoint's value contradicts the checkpoint and is refused.
 
     Args:
         checkpoint: the loaded checkpoint.
@@ -202,6 +205,8 @@ def model_config(
     for name, value in init_args.items():
         if name in RUN_SETTINGS or name not in saved:
             merged[name] = value
+        elif value is None:  # not given (e.g. input_shape, which the data module supplies)
+            continue
         elif plain(value) not in (
             plain(saved[name]),
             plain(defaults.get(name, inspect.Parameter.empty)),

@@ -72,12 +72,12 @@ def claim(root: Path, version: int | str | None) -> int | str:
             folder.mkdir()
         except FileExistsError:
             if any(folder.iterdir()):
+                last = folder.resolve() / "checkpoints" / f"{LAST}.ckpt"
                 raise ConfigError(
-                    f"{folder} holds an earlier run, which is kept as it is. Leave "
+                    f"{folder.resolve()} holds an earlier run, which is kept as it is. Leave "
                     "trainer.logger.init_args.version unset to get a new version_<n> folder, or "
                     "choose an unused version. To continue that run, give --ckpt_path "
-                    f"{folder / 'checkpoints' / f'{LAST}.ckpt'} (the continued run gets a "
-                    "folder of its own)"
+                    f"{last} (the continued run gets a folder of its own)"
                 ) from None
         return version
     numbers = [
