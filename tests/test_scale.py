@@ -144,12 +144,12 @@ def test_two_processes_train_resume_and_log_what_one_process_computes(tmp_path: 
     ddp = ("--config", config, "--trainer.devices", "2", "--trainer.strategy", "ddp")
     vaeflow(tmp_path, "fit", *ddp)
     runs = tmp_path / "runs" / "vaeflow"
-    (first,) = (runs / "version_0" / "checkpoints").glob("*.ckpt")
+    (first,) = (runs / "version_0" / "checkpoints").glob("epoch=*.ckpt")
     steps = steps_per_epoch(2)
     assert first.name == f"epoch=0-step={steps}.ckpt"  # one epoch of half the data
 
     vaeflow(tmp_path, "fit", *ddp, "--trainer.max_epochs", "2", "--ckpt_path", str(first))
-    (second,) = (runs / "version_1" / "checkpoints").glob("*.ckpt")
+    (second,) = (runs / "version_1" / "checkpoints").glob("epoch=*.ckpt")
     assert second.name == f"epoch=1-step={2 * steps}.ckpt"  # the resume took epoch 1 only
     resumed = logged(runs / "version_1")
     assert {row["epoch"] for row in resumed} == {"1"}
@@ -211,7 +211,7 @@ def test_two_nodes_under_torchrun_train_as_one_job(tmp_path: Path) -> None:
     for rank, (node, output) in enumerate(zip(nodes, outputs, strict=True)):
         assert node.returncode == 0, f"node {rank} exited {node.returncode}\n{output}"
     (run,) = (tmp_path / "runs" / "vaeflow").iterdir()
-    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    (checkpoint,) = (run / "checkpoints").glob("epoch=*.ckpt")
     assert checkpoint.name == f"epoch=0-step={steps_per_epoch(2)}.ckpt"
     assert math.isfinite(last_value(logged(run), "val/elbo"))
 
