@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
+from lightning.pytorch import Trainer
+
+from vaeflow.lightning_private import SpawnSkippingFinalisation
 
 #: The published MNIST-format files, as torchvision expects them in ``<root>/<Name>/raw``.
 MNIST_FILES = (
@@ -15,6 +22,25 @@ MNIST_FILES = (
     "t10k-labels-idx1-ubyte.gz",
 )
 MNIST_NAMES = ("MNIST", "FashionMNIST")
+
+#: A trainer that prints and writes nothing of its own, for one short fit.
+SILENT_TRAINER = dict(
+    accelerator="cpu",
+    max_epochs=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give each pytest-xdist worker its share of the cores for torch: several workers each
+    running torch's default of one thread per core oversubscribe them, and OpenMP threads then
+    spin waiting for one another."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 def shared_data_dir() -> Path:
@@ -47,3 +73,25 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for file in MNIST_FILES:
             (raw / file).symlink_to(source / name / "raw" / file)
     return root
+
+
+@pytest.fixture
+def silent_trainer(tmp_path: Path) -> Callable[..., Trainer]:
+    """Build quiet CPU trainers (:data:`SILENT_TRAINER`, one epoch) rooted in the test's
+    ``tmp_path``; keyword arguments override any setting."""
+
+    def build(**kwargs: Any) -> Trainer:
+        return Trainer(**SILENT_TRAINER | {"default_root_dir": tmp_path} | kwargs)
+
+    return build
+
+
+@pytest.fixture
+def ddp_spawn(monkeypatch: pytest.MonkeyPatch) -> SpawnSkippingFinalisation:
+    """The strategy of a multi-process test (``strategy=ddp_spawn, devices=2``): ``ddp_spawn``
+    whose workers skip interpreter finalisation, where gloo aborts a finished fit at random,
+    on a free port of its own. Tests run in parallel, and Lightning would otherwise leave the
+    first fit's ``MASTER_PORT`` in the test process's environment for every later one."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
+    return SpawnSkippingFinalisation()

@@ -2,14 +2,11 @@
 
 import functools
 import math
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from scipy import stats
 from torch import nn
 
@@ -311,89 +308,6 @@ def test_sizes_out_of_range_are_refused(arguments: dict) -> None:
         VAE((64,), **arguments)
 
 
-def fit_digits(
-    tmp_path: Path,
-    steps_per_call: int,
-    training: str,
-    ckpt_path: str | None = None,
-    **trainer_kwargs,
-):
-    """A small VAE fitted on dynamically binarised digits (21 batches of 64 per epoch), its
-    metrics written to ``tmp_path/csv/version_0/metrics.csv``."""
-    pl.seed_everything(0)
-    model = VAE((64,), latent_dim=3, training=training, steps_per_call=steps_per_call)
-    logger = CSVLogger(tmp_path, name="csv", version=0)
-    trainer = make_trainer(tmp_path, logger=logger, log_every_n_steps=5, **trainer_kwargs)
-    trainer.fit(model, DigitsDataModule(batch_size=64, binarize="dynamic"), ckpt_path=ckpt_path)
-    return model, trainer
-
-
-@pytest.mark.parametrize(
-    ("training", "trainer_kwargs"),
-    [
-        ("joint", {"max_epochs": 2}),  # 21 batches: the epoch ends inside a call of 4
-        ("joint", {"max_epochs": 2, "max_steps": 7}),  # max_steps inside a call
-        ("alternating", {"max_epochs": 1, "limit_train_batches": 6}),
-        ("joint", {"max_epochs": 1, "precision": "bf16-mixed"}),  # steps inside autocast
-    ],
-)
-def test_several_steps_per_call_take_the_steps_of_one(tmp_path, training, trainer_kwargs) -> None:
-    """Same batches, noise, steps and metrics: only Lightning's calls are grouped."""
-    one, one_trainer = fit_digits(tmp_path / "one", 1, training, **trainer_kwargs)
-    four, four_trainer = fit_digits(tmp_path / "four", 4, training, **trainer_kwargs)
-    assert four_trainer.global_step == one_trainer.global_step > 0
-    assert "train/elbo" in one_trainer.callback_metrics
-    assert four_trainer.fit_loop.epoch_loop.batch_progress.current.ready < (
-        one_trainer.fit_loop.epoch_loop.batch_progress.current.ready
-    )  # fewer calls
-    for key, value in one.state_dict().items():
-        torch.testing.assert_close(four.state_dict()[key], value, rtol=0, atol=0)
-    assert four_trainer.callback_metrics == one_trainer.callback_metrics
-    # the same metrics file: same values at the same steps (the x-axis counts batches)
-    csv = Path("csv/version_0/metrics.csv")
-    assert (tmp_path / "four" / csv).read_text() == (tmp_path / "one" / csv).read_text()
-
-
-@pytest.mark.parametrize(
-    "trainer_kwargs",
-    [
-        {"val_check_interval": 5},
-        {"val_check_interval": 0.5},
-        {"enable_checkpointing": True, "callbacks": [ModelCheckpoint(every_n_train_steps=10)]},
-    ],
-)
-def test_several_steps_per_call_refuse_what_counts_calls(tmp_path, trainer_kwargs) -> None:
-    with pytest.raises(ConfigError, match="steps_per_call: 1"):
-        fit_digits(tmp_path, 4, "joint", **trainer_kwargs)
-
-
-def test_several_steps_per_call_run_the_batch_transfer_hooks_of_the_data(tmp_path) -> None:
-    class CountingDigits(DigitsDataModule):
-        moved = 0
-
-        def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int):
-            self.moved += self.trainer.training
-            return batch
-
-    data = CountingDigits(batch_size=64)
-    model = VAE((64,), latent_dim=2, steps_per_call=4)
-    make_trainer(tmp_path, max_epochs=1, limit_train_batches=6).fit(model, data)
-    assert data.moved == 6
-
-
-def test_several_steps_per_call_resume_from_a_checkpoint(tmp_path) -> None:
-    _, first = fit_digits(tmp_path / "first", 4, "joint", max_epochs=1, enable_checkpointing=True)
-    path = first.checkpoint_callback.best_model_path
-    _, trainer = fit_digits(tmp_path / "resumed", 4, "joint", ckpt_path=path, max_epochs=2)
-    assert trainer.global_step == 2 * 21
-    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 2 * 21
-
-
-def test_several_steps_per_call_validate_on_a_time_interval(tmp_path) -> None:
-    _, trainer = fit_digits(tmp_path, 4, "joint", max_epochs=1, val_check_interval="00:00:10:00")
-    assert "val/elbo" in trainer.callback_metrics
-
-
 def test_the_latent_code_writer_is_attached_for_predict_only(tmp_path) -> None:
     from vaeflow.callbacks import LatentCodeWriter
 
@@ -401,14 +315,3 @@ def test_the_latent_code_writer_is_attached_for_predict_only(tmp_path) -> None:
     trainer.fit(VAE((64,), latent_dim=2), DigitsDataModule())
     assert not any(isinstance(c, LatentCodeWriter) for c in trainer.callbacks)
 
-
-@pytest.mark.parametrize("gpus", [0, 1])
-def test_the_nvml_cuda_check_is_dropped_only_without_a_gpu(monkeypatch, gpus: int) -> None:
-    """Lightning's NVML-based availability check re-opens NVML at every Adam step when there is
-    no GPU; it is kept where a GPU could be initialised by mistake."""
-    from vaeflow import models
-
-    monkeypatch.setenv(models.NVML_CHECK, "1")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    models._plain_cuda_check_without_gpu()
-    assert (models.NVML_CHECK in os.environ) == bool(gpus)

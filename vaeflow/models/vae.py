@@ -25,10 +25,11 @@ from vaeflow.errors import ConfigError
 from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood
 from vaeflow.metrics import EpochMeans
-from vaeflow.models.steps import SteppedModule
 from vaeflow.nets import MLP, NetFactory
 from vaeflow.priors import Prior, mean_over_samples
 from vaeflow.registry import LIKELIHOODS, PRIORS
+from vaeflow.steps_per_call import SteppedModule
+from vaeflow.utils import as_list
 
 Estimator = Literal["analytic_kl", "monte_carlo", "importance_weighted"]
 
@@ -62,7 +63,7 @@ class VAE(SteppedModule):
         steps_per_call: training steps (batches) per call of Lightning's training step, as
             Keras's ``steps_per_execution``: Lightning's per-call cost (loop, hooks, callbacks)
             is 10-20% of a small model's step on the CPU. Same steps and results as 1; see
-            :class:`~vaeflow.models.steps.SteppedModule` for what changes.
+            :class:`~vaeflow.steps_per_call.SteppedModule` for what changes.
     """
 
     def __init__(
@@ -198,9 +199,7 @@ class VAE(SteppedModule):
     def train_on_batch(self, batch: Tensor) -> None:
         """A step on the whole model, or, alternating, an E-step that moves the encoder with
         the rest fixed and then an M-step that moves the rest with the encoder fixed."""
-        optimizers = self.optimizers()
-        if not isinstance(optimizers, list):
-            optimizers = [optimizers]
+        optimizers = as_list(self.optimizers())
         for phase, optimizer in enumerate(optimizers):
             if len(optimizers) > 1:
                 self.toggle_optimizer(optimizer)  # no gradients for the fixed parameters
@@ -214,13 +213,6 @@ class VAE(SteppedModule):
                 self.untoggle_optimizer(optimizer)
             if phase == 0:
                 self._means["train"].update(metrics, len(batch))
-
-    @override
-    def transfer_batch_to_device(
-        self, batch: Tensor, device: torch.device, dataloader_idx: int
-    ) -> Tensor:
-        """A batch is one tensor: moving it needs no walk over a collection."""
-        return batch.to(device)
 
     @override
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -266,8 +258,7 @@ class VAE(SteppedModule):
     def on_train_epoch_end(self) -> None:
         """Log the epoch, then step the schedulers (manual optimisation steps them itself)."""
         means = self._log_epoch("train")
-        schedulers = self.lr_schedulers() or []
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+        for scheduler in as_list(self.lr_schedulers()):
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(-means.get("elbo", means.get("iw_bound")))
             else:
