@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,6 @@ from vaeflow.checkpointing import LAST, model_config, read_checkpoint
 from vaeflow.errors import CheckpointError, ConfigError
 from vaeflow.guards import interrupting_signal
 from vaeflow.registry import LIKELIHOODS, PRIORS, load_plugins
-from vaeflow.steps_per_call import fitting
-from vaeflow.utils import as_list
 from vaeflow.runs import claim_run_folders, resolve_last
 from vaeflow.steps_per_call import fitting
 from vaeflow.user_errors import check_config_files, explain
@@ -96,12 +93,6 @@ class VaeflowCLI(LightningCLI):
             save_config_callback=SaveConfig,
             **kwargs,
         )
-
-    def fit(self, model: LightningModule, **kwargs: Any) -> None:
-        """``vaeflow fit``: Lightning's fit, wrapped by :func:`~vaeflow.steps_per_call.fitting`
-        (LightningCLI runs a subcommand by the CLI's method of that name where there is one)."""
-        with fitting(model):
-            self.trainer.fit(model, **kwargs)
 
     def fit(self, model: LightningModule, **kwargs: Any) -> None:
         """``vaeflow fit``: Lightning's fit, wrapped by :func:`~vaeflow.steps_per_call.fitting`
