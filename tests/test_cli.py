@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from vaeflow.cli import main
@@ -131,6 +132,12 @@ def test_missing_and_misshapen_data_files(capsys, tmp_path) -> None:
     np.save(tmp_path / "flat.npy", np.zeros(10))
     err = expect_user_error(capsys, *array_config(tmp_path / "flat.npy"))
     assert "(N, ...)" in err or "shape" in err
+
+
+def test_a_sparse_tensor_file_is_a_message(capsys, tmp_path) -> None:
+    torch.save(torch.eye(4).to_sparse(), tmp_path / "sparse.pt")
+    err = expect_user_error(capsys, *array_config(tmp_path / "sparse.pt"))
+    assert "torch.sparse_coo tensor" in err and "to_dense()" in err
 
 
 def test_data_outside_the_support_and_non_finite_data(capsys, tmp_path) -> None:
