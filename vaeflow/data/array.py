@@ -53,6 +53,11 @@ def _read_pt(path: Path, key: str | None) -> Array:
         content = _pick(content, key, path)
     if not isinstance(content, Tensor):
         raise DataError(f"{path} holds a {type(content).__name__}; expected a tensor")
+    if content.layout != torch.strided:  # sparse: the data modules slice dense rows
+        raise DataError(
+            f"{path} holds a {content.layout} tensor; vaeflow needs a dense one: save "
+            "tensor.to_dense() instead (or a .npy file)"
+        )
     return content
 
 
