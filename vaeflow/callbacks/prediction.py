@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
 from typing_extensions import override
 
 from vaeflow.callbacks.tracking import run_dir
@@ -35,21 +36,28 @@ class LatentCodeWriter(BasePredictionWriter):
     ) -> None:
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        latents = torch.cat(predictions).cpu()
+        columns = join_columns(predictions)
         extras = getattr(pl_module, "prediction_extras", dict)()
         if trainer.world_size == 1:
-            torch.save({"latents": latents, **extras}, folder / LATENTS_FILE)
+            torch.save({**columns, **extras}, folder / LATENTS_FILE)
             return
         share = folder / f"latents_rank{trainer.global_rank}.pt"
-        torch.save(latents, share)
+        torch.save(columns, share)
         trainer.strategy.barrier()
         if trainer.global_rank == 0:
             shares = [folder / f"latents_rank{rank}.pt" for rank in range(trainer.world_size)]
-            joined = torch.cat([torch.load(path) for path in shares])
-            torch.save({"latents": joined, **extras}, folder / LATENTS_FILE)
+            joined = join_columns([torch.load(path) for path in shares])
+            torch.save({**joined, **extras}, folder / LATENTS_FILE)
             for path in shares:
                 path.unlink()
         trainer.strategy.barrier()
+
+
+def join_columns(parts: list[Tensor | dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Batches (or shares) of predictions joined row-wise: a tensor is the ``latents`` column;
+    a dict (e.g. the VAE's with ``predict_samples``) names its columns."""
+    parts = [part if isinstance(part, dict) else {"latents": part} for part in parts]
+    return {name: torch.cat([part[name] for part in parts]).cpu() for name in parts[0]}
 
 
 def prediction_callbacks(trainer: Trainer) -> list[Callback]:
