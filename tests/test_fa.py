@@ -469,7 +469,7 @@ def test_a_resumed_fit_continues_em_and_ends_at_the_uninterrupted_fit(
         half, datamodule=data
     )
     assert 0 < int(half.n_iter) < 12
-    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    (checkpoint,) = tmp_path.rglob("epoch=*.ckpt")
     resumed = FactorAnalysis(data.dims, latent_dim=2, max_iter=12, **kwargs)
     trainer().fit(resumed, datamodule=data, ckpt_path=checkpoint)
     assert int(resumed.n_iter) == int(whole.n_iter) == 12
@@ -550,7 +550,7 @@ def test_vaeflow_fit_on_a_users_array_is_at_least_scikit_learn(
         f"    latent_dim: {latent}\n"
     )
     main(["fit", "--config", "run.yaml", "--trainer.enable_progress_bar", "false"])
-    (checkpoint,) = Path("runs").rglob("*.ckpt")
+    checkpoint = next(Path("runs").rglob("epoch=*.ckpt"))
     model = FactorAnalysis.load_from_checkpoint(checkpoint)
     data = ArrayDataModule("user.npy")
     data.setup("fit")
@@ -559,7 +559,8 @@ def test_vaeflow_fit_on_a_users_array_is_at_least_scikit_learn(
     with threadpool_limits(limits=1):
         reference = SklearnFA(latent, random_state=0).fit(rows)
     assert ours >= reference.score(rows) - 1e-3
-    np.testing.assert_allclose(model.mean.detach().numpy(), rows.mean(0), rtol=1e-10, atol=1e-10)
+    # the data module holds floats as float32: the mean is the user's to float32 precision
+    np.testing.assert_allclose(model.mean.detach().numpy(), rows.mean(0), rtol=1e-6, atol=1e-9)
     reference.components_ = model.loadings.detach().numpy().T
     reference.noise_variance_ = model.noise_variance.detach().numpy()
     reference.mean_ = model.mean.detach().numpy()
@@ -583,18 +584,15 @@ def test_reloads_from_a_checkpoint_alone(tmp_path: Path) -> None:
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", ["moments", "streaming"])
-def test_two_processes_fit_what_one_process_fits(method: str) -> None:
-    """Known rare failure, not vaeflow's (seen about once in 15 runs of ``streaming``): a worker
-    aborts at interpreter exit, after the fit, with "terminate called without an active
-    exception". Its core shows gloo's worker thread destroying a finished all-reduce whose
-    tensor still owns a Python object while the main thread runs ``Py_FinalizeEx``: taking the
-    GIL then exits the thread inside a noexcept destructor (torch 2.15, gloo, ddp_spawn)."""
+def test_two_processes_fit_what_one_process_fits(method: str, ddp_spawn) -> None:
+    """The ``ddp_spawn`` fixture's workers skip interpreter finalisation, where gloo aborted
+    about one fit in 15 (see :class:`~vaeflow.lightning_private.SpawnSkippingFinalisation`)."""
     # 1800 training examples shard evenly over 2 ranks, so no example is padded in twice
     data = SyntheticFADataModule(num_train=2000, dim=8, latent_dim=2, batch_size=300)
     kwargs = dict(method=method, max_iter=8, tol=0.0)
     single = fitted(data, **kwargs)
     double = FactorAnalysis(data.dims, latent_dim=2, **kwargs)
-    trainer(strategy="ddp_spawn", devices=2).fit(double, datamodule=data)
+    trainer(strategy=ddp_spawn, devices=2).fit(double, datamodule=data)
     torch.testing.assert_close(covariance(double), covariance(single), rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(double.mean, single.mean, rtol=1e-12, atol=1e-12)
 
@@ -611,7 +609,7 @@ def test_cli_fits_and_predict_writes_the_latent_codes(tmp_path: Path, monkeypatc
     # every row, validation included, is on the EM-iteration axis: no step means two iterations
     assert all(row["step"] == row["em_iteration"] for row in rows)
     assert rows[-1]["val/log_likelihood"] and rows[-1]["step"] == rows[-2]["step"]
-    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    (checkpoint,) = (run / "checkpoints").glob("epoch=*.ckpt")
     main(["predict", "--config", config, "--ckpt_path", str(checkpoint)])
     (written,) = (tmp_path / "runs").rglob("latents.pt")
     record = torch.load(written)

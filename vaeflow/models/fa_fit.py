@@ -92,14 +92,12 @@ class FirstPass(Pass):
     def zeros(self, shift: Tensor) -> list[Tensor]:
         """The zero sums beside the count."""
 
-    def mean_and_variances(self, n: Tensor, total: Tensor, var: Tensor) -> Tensor:
+    def mean_and_variances(self, n: Tensor, total: Tensor, squares: Tensor) -> None:
         """Set the mean (its exact maximum-likelihood value) and the feature variances from
-        the sums; ``var`` holds diag of the shifted second moment. Returns diag S."""
+        the sums of (x - shift) and of its squares."""
         centre = total / n
         self.fitter.model.mean.copy_(self.shift + centre)
-        var = (var - centre**2).clamp_min(0)
-        self.fitter.set_variances(var)
-        return var
+        self.fitter.set_variances((squares / n - centre**2).clamp_min(0))
 
 
 class Fitter(ABC):
@@ -243,10 +241,9 @@ class CovariancePass(FirstPass):
 
     def finish(self, n: Tensor, *sums: Tensor) -> None:
         total, gram = sums
-        cov = symmetric_from_lower(gram) / n
-        cov -= torch.outer(total / n, total / n)
-        self.mean_and_variances(n, total, cov.diagonal() + (total / n) ** 2)
-        self.fitter.fit(cov)
+        self.mean_and_variances(n, total, gram.diagonal())
+        centre = total / n
+        self.fitter.fit(symmetric_from_lower(gram) / n - torch.outer(centre, centre))
         return None
 
 
@@ -297,7 +294,7 @@ class VariancePass(FirstPass):
 
     def finish(self, n: Tensor, *sums: Tensor) -> Pass:
         total, squares = sums[:2]
-        self.mean_and_variances(n, total, squares / n)
+        self.mean_and_variances(n, total, squares)
         if len(sums) == 2:
             self.fitter.start(None)
             return EMPass(self.fitter)
