@@ -3,6 +3,11 @@
 A family is a class; a name in YAML (``likelihood: bernoulli``) is looked up here. Third-party
 packages add names through the entry-point groups ``vaeflow.likelihoods`` and ``vaeflow.priors``
 (``name = "package.module:Class"``), discovered the first time a registry is read.
+
+The contract every registered class keeps: each constructor argument is stored as an attribute
+of the same name (``self.df = df``). Checkpoints hold a model's likelihood and prior as
+``class_path`` + ``init_args`` read back from those attributes (:mod:`vaeflow.hparams`), so a
+class that renames or drops an argument could not be reloaded; registration checks it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
+
+import torch
 
 from vaeflow.errors import ConfigError
 
@@ -35,6 +42,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self.group = group
         self._classes: dict[str, type[T]] = {}
+        self._distributions: dict[str, importlib.metadata.Distribution] = {}  # of entry points
         self._plugins_loaded = False
         #: plugins that failed to load: entry-point name -> error message
         self.failed_plugins: dict[str, str] = {}
@@ -54,7 +62,9 @@ class Registry(Generic[T]):
         return decorator
 
     def add(self, name: str, cls: type[T], *, override: bool = False) -> None:
-        """Register ``cls`` under ``name`` (the non-decorator form)."""
+        """Register ``cls`` under ``name`` (the non-decorator form), checking the contract
+        (:func:`check_init_attributes`)."""
+        check_init_attributes(self.kind, name, cls)
         existing = self._classes.get(name)
         if existing is not None and existing is not cls and not override:
             raise ConfigError(
@@ -76,6 +86,8 @@ class Registry(Generic[T]):
                     raise TypeError(f"{entry_point.value} is not a class")
                 if self._classes.get(entry_point.name) is not cls:
                     self.add(entry_point.name, cls)
+                if entry_point.dist is not None:
+                    self._distributions[entry_point.name] = entry_point.dist
             except Exception as error:  # a broken plugin must not take the rest down
                 message = f"{type(error).__name__}: {error}"
                 self.failed_plugins[entry_point.name] = message
@@ -116,6 +128,18 @@ class Registry(Generic[T]):
             summary = (inspect.getdoc(cls) or "").partition("\n")[0]
             yield name, f"{cls.__module__}.{cls.__qualname__}", summary
 
+    def source(self, name: str) -> str:
+        """The installed package (distribution) ``name`` comes from, with its version: the
+        entry point's, else the one that provides the class's top-level module."""
+        distribution = self._distributions.get(name)
+        if distribution is not None:
+            return f"{distribution.name} {distribution.version}"
+        module = self.get(name).__module__
+        names = importlib.metadata.packages_distributions().get(module.partition(".")[0], [])
+        if not names:
+            return f"{module} (not an installed package)"
+        return f"{names[0]} {importlib.metadata.version(names[0])}"
+
     def __contains__(self, name: object) -> bool:
         return name in self.names()
 
@@ -124,6 +148,37 @@ LIKELIHOODS: Registry = Registry("likelihood", "vaeflow.likelihoods")
 PRIORS: Registry = Registry("prior", "vaeflow.priors")
 register_likelihood = LIKELIHOODS.register
 register_prior = PRIORS.register
+
+
+def init_parameters(cls: type) -> list[inspect.Parameter]:
+    """The named parameters of ``cls``'s constructor (not ``*args``/``**kwargs``)."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p for p in inspect.signature(cls).parameters.values() if p.kind in named]
+
+
+def check_init_attributes(kind: str, name: str, cls: type) -> None:
+    """Refuse a class that does not keep each constructor argument as an attribute of the same
+    name. The check builds one instance from the defaults, under a random stream of its own
+    (the caller's stays as it was); a class with required arguments is checked when a
+    checkpoint stores it (:func:`vaeflow.hparams.to_config`).
+
+    Raises:
+        ConfigError: an argument has no attribute of its name, with how to fix it.
+    """
+    parameters = init_parameters(cls)
+    if any(p.default is inspect.Parameter.empty for p in parameters):
+        return
+    with torch.random.fork_rng(devices=[]):
+        instance = cls()
+    missing = [p.name for p in parameters if not hasattr(instance, p.name)]
+    if missing:
+        assignments = "; ".join(f"self.{m} = {m}" for m in missing)
+        raise ConfigError(
+            f"{kind} {name!r} ({cls.__module__}.{cls.__qualname__}) does not keep its "
+            f"constructor argument(s) {', '.join(map(repr, missing))} as attributes of the same "
+            "name. Checkpoints rebuild it from those attributes (vaeflow/hparams.py): add "
+            f"{assignments} to its __init__"
+        )
 
 
 def load_plugins() -> dict[str, str]:
