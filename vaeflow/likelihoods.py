@@ -41,6 +41,11 @@ class Likelihood(nn.Module):
 
     Subclasses set ``num_params`` and ``support`` and implement :meth:`distribution`, which
     receives the parameters as one tensor shaped ``(*batch, *event_shape, num_params)``.
+
+    Contract: keep each constructor argument as an attribute of the same name
+    (``self.df = df``). A checkpoint stores the likelihood as its class path and the init args
+    read back from those attributes, and rebuilds it from them (:mod:`vaeflow.hparams`);
+    registration refuses a class that breaks this (:func:`vaeflow.registry.check_init_attributes`).
     """
 
     #: parameters per data element (a mean; a mean and a scale; 256 logits, ...).

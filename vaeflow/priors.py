@@ -109,7 +109,14 @@ def kl_or_estimate(posterior: Distribution, prior: Distribution, samples: Tensor
 
 
 class Prior(nn.Module):
-    """Base class: a distribution over the latent vector (event shape ``(latent_dim,)``)."""
+    """Base class: a distribution over the latent vector (event shape ``(latent_dim,)``).
+
+    Contract: keep each constructor argument as an attribute of the same name
+    (``self.components = components``). A checkpoint stores the prior as its class path and the
+    init args read back from those attributes, and rebuilds it from them
+    (:mod:`vaeflow.hparams`); registration refuses a class that breaks this
+    (:func:`vaeflow.registry.check_init_attributes`).
+    """
 
     def __init__(self) -> None:
         super().__init__()
