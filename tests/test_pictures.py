@@ -29,7 +29,7 @@ from vaeflow.callbacks import (
 )
 from vaeflow.callbacks.pictures import Examples, grid
 from vaeflow.callbacks.plots import PALETTE
-from vaeflow.data import DigitsDataModule
+from vaeflow.data import DigitsDataModule, MNISTDataModule
 from vaeflow.errors import ConfigError
 from vaeflow.models import VAE, FactorAnalysis
 
@@ -187,6 +187,8 @@ def test_each_picture_is_a_png_in_the_run_folder_and_the_same_image_in_the_logge
     assert key == f"pictures/{kind.name}" and step == trainer.global_step
     assert image.shape[0] == 3 and image.min() >= 0 and image.max() <= 1
     assert image.std() > 0  # something was drawn
+    if kind is LatentScatter:  # coloured by the digits' labels (DigitsDataModule.labels)
+        assert set(PALETTE) <= colours_in(image)
     torch.testing.assert_close(
         torch.from_numpy(np.asarray(Image.open(path))).permute(2, 0, 1) / 255,
         image,
@@ -233,3 +235,23 @@ def test_pictures_leave_the_training_as_it_was(tmp_path: Path) -> None:
 def test_a_picture_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="loadings cannot be drawn for VAE"):
         fit(tmp_path, VAE(input_shape=(64,), latent_dim=3), Pictures(pictures=[Loadings()]))
+
+
+def test_data_modules_give_labels_row_for_row_with_their_splits(mnist_root: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = DigitsDataModule(flatten=True)
+    digits.setup()
+    raw = load_digits()
+    for split, data in digits.splits.items():
+        labels = digits.labels(split)
+        rows = digits.indices[split]
+        assert torch.equal(labels, torch.from_numpy(raw.target)[rows])
+        torch.testing.assert_close(
+            data, torch.from_numpy(raw.images / 16).reshape(-1, 64)[rows].to(data)
+        )
+    mnist = MNISTDataModule(root=str(mnist_root))
+    mnist.setup()
+    train_labels, test_labels = mnist.load_labels()
+    assert len(test_labels) == 10_000 and torch.equal(mnist.labels("test"), test_labels)
+    assert torch.equal(mnist.labels("val"), train_labels[mnist.indices["val"]])

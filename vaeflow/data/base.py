@@ -124,6 +124,22 @@ class InMemoryDataModule(LightningDataModule):
         """How to get examples into an empty split."""
         return f"use more data or a larger {split}_fraction"
 
+    def load_labels(self) -> tuple[Tensor | None, Tensor | None]:
+        """Class labels ``(N,)`` of the raw ``(train, test)`` examples, row for row with
+        :meth:`load`; None where the data have none. Only pictures read them."""
+        return None, None
+
+    def labels(self, split: Split) -> Tensor | None:
+        """Class labels of ``split``'s examples, row for row with ``splits[split]``, or None
+        (the latent scatter of :class:`vaeflow.callbacks.Pictures` colours points by them)."""
+        train, test = self.load_labels()
+        source = test if split == "test" and test is not None else train
+        if source is None:
+            return None
+        if not self.indices:
+            self.setup()
+        return torch.as_tensor(source)[self.indices[split]]
+
     # -- what the model and the CLI read -------------------------------------------------------
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from sklearn.datasets import load_digits
 from torch import Tensor
+from typing_extensions import override
 
 from vaeflow.data.base import InMemoryDataModule
 
@@ -25,3 +26,7 @@ class DigitsDataModule(InMemoryDataModule):
     def load(self) -> tuple[Tensor, None]:
         images = torch.from_numpy(load_digits().images).reshape(-1, *self.example_shape)
         return images, None
+
+    @override
+    def load_labels(self) -> tuple[Tensor, None]:
+        return torch.from_numpy(load_digits().target), None

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST, VisionDataset
 from torchvision.datasets.utils import check_integrity, extract_archive
+from typing_extensions import override
 
 from vaeflow.data.base import InMemoryDataModule
 from vaeflow.errors import DataError
@@ -123,16 +124,22 @@ class TorchvisionDataModule(InMemoryDataModule):
         self.prepare_data()
         return self._read(train=True), self._read(train=False)
 
-    def _read(self, train: bool) -> Tensor:
-        """All images of one split as a uint8 tensor ``(N, C, H, W)``."""
+    @override
+    def load_labels(self) -> tuple[Tensor, Tensor]:
+        return tuple(torch.as_tensor(self._dataset(train).targets) for train in (True, False))
+
+    def _dataset(self, train: bool) -> VisionDataset:
         try:
-            dataset = self.dataset_class(str(self.root), train=train, download=self.download)
+            return self.dataset_class(str(self.root), train=train, download=self.download)
         except (RuntimeError, OSError) as error:
             raise DataError(
                 f"{type(self).__name__}: torchvision could not read {self.dataset_class.__name__} "
                 f"from {self.root.resolve()}: {error}"
             ) from error
-        images = torch.as_tensor(dataset.data)
+
+    def _read(self, train: bool) -> Tensor:
+        """All images of one split as a uint8 tensor ``(N, C, H, W)``."""
+        images = torch.as_tensor(self._dataset(train).data)
         # Grey images come as (N, H, W), colour ones as (N, H, W, C).
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
         return images.contiguous()
