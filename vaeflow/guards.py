@@ -27,10 +27,9 @@ from vaeflow.checkpointing import LAST
 from vaeflow.errors import TrainingDiverged
 
 
-def parameter_norm(module: LightningModule) -> float:
-    """The Euclidean norm of all the module's parameters together (inf or NaN if any is)."""
-    parameters = [p.detach() for p in module.parameters()]
-    return torch.nn.utils.get_total_norm(parameters).item() if parameters else 0.0
+def total_norm(tensors: list[torch.Tensor]) -> float:
+    """The Euclidean norm of the tensors together (inf or NaN if any value is)."""
+    return torch.nn.utils.get_total_norm([t.detach() for t in tensors]).item() if tensors else 0.0
 
 
 class DivergenceGuard(Callback):
@@ -51,11 +50,11 @@ class DivergenceGuard(Callback):
     def __init__(self, every_n_steps: int = 20, max_growth: float = 1e4) -> None:
         self.every_n_steps = every_n_steps
         self.max_growth = max_growth
-        self._initial_norm = math.inf
+        self._initial_norms: list[float] = []
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._initial_norm = parameter_norm(pl_module)
+        self._initial_norms = [total_norm([p]) for p in pl_module.parameters()]
 
     @override
     def on_train_batch_end(
@@ -79,13 +78,20 @@ class DivergenceGuard(Callback):
             self.stop(trainer, f"the logged {', '.join(sorted(bad))} are not finite")
 
     def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        norm = parameter_norm(pl_module)
-        if not math.isfinite(norm):
+        """Stop on non-finite parameters, or on gradient-trained ones (EM models take no
+        gradients and may move far in their first pass) grown ``max_growth``-fold."""
+        parameters = list(pl_module.parameters())
+        if not math.isfinite(total_norm(parameters)):
             self.stop(trainer, "the parameters hold NaN or infinite values")
-        if norm > self.max_growth * max(self._initial_norm, 1e-12):
+        moved = [i for i, p in enumerate(parameters) if p.grad is not None]
+        if not moved or len(self._initial_norms) != len(parameters):
+            return
+        norm = total_norm([parameters[i] for i in moved])
+        initial = math.sqrt(sum(self._initial_norms[i] ** 2 for i in moved))
+        if norm > self.max_growth * max(initial, 1e-12):
             self.stop(
                 trainer,
-                f"the parameters' norm grew from {self._initial_norm:.3g} to {norm:.3g} "
+                f"the parameters' norm grew from {initial:.3g} to {norm:.3g} "
                 f"(more than {self.max_growth:g}-fold)",
             )
 
