@@ -136,10 +136,6 @@ class Prior(nn.Module):
         bits, the KL of each latent dimension at test) need it."""
         return None
 
-    def kl(self, posterior: Distribution, samples: Tensor) -> Tensor:
-        """KL(q || p) per example, by :func:`kl_or_estimate`."""
-        return kl_or_estimate(posterior, self(), samples)
-
 
 @register_prior("standard_normal")
 class StandardNormalPrior(Prior):

@@ -8,6 +8,7 @@ nats per example: summed over data dimensions, averaged over the batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -43,6 +44,12 @@ Estimator = Literal["analytic_kl", "monte_carlo", "importance_weighted"]
 ACTIVE_UNIT_VARIANCE = 0.01
 #: decoder outputs per chunk of importance samples in :meth:`VAE.log_likelihood` (64 MiB).
 EVAL_CHUNK_NUMBERS = 2**24
+
+
+def kl_estimator(estimator: Estimator) -> Callable[[Distribution, Distribution, Tensor], Tensor]:
+    """KL(q || p) from (q, p, samples of q): analytic where registered for ``analytic_kl``,
+    Monte Carlo for the others."""
+    return kl_or_estimate if estimator == "analytic_kl" else monte_carlo_kl
 
 
 def per_dimension(name: str, values: Tensor) -> dict[str, Tensor]:
@@ -241,19 +248,14 @@ class VAE(SteppedModule):
     ) -> Tensor:
         """KL(q(z|x) || p(z)) per example: by ``kl_divergence`` where registered (Monte Carlo
         over ``z`` otherwise) with ``analytic_kl``, by Monte Carlo over ``z`` with any other."""
-        if estimator == "analytic_kl":
-            return self.prior.kl(posterior, z)
-        return monte_carlo_kl(posterior, self.prior(), z)
+        return kl_estimator(estimator)(posterior, self.prior(), z)
 
     def kl_per_dimension(
         self, posterior: DiagonalNormal, z: Tensor, estimator: Estimator = "analytic_kl"
     ) -> Tensor:
         """KL(q(z_j|x) || p(z_j)) per example and latent dimension, ``(N, latent_dim)``, for a
         prior that factorises (:meth:`Prior.marginals`); estimated as :meth:`kl` is."""
-        prior = self.prior.marginals()
-        if estimator == "analytic_kl":
-            return kl_or_estimate(posterior.marginals(), prior, z)
-        return monte_carlo_kl(posterior.marginals(), prior, z)
+        return kl_estimator(estimator)(posterior.marginals(), self.prior.marginals(), z)
 
     def elbo(self, x: Tensor, num_samples: int = 1, estimator: Estimator = "analytic_kl") -> Tensor:
         """The evidence lower bound per example, ``(N,)``, by either unbiased estimator.
