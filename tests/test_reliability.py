@@ -15,6 +15,7 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from jsonargparse import ArgumentError
@@ -162,6 +163,27 @@ def test_checkpoint_settings_never_silently_override_the_command(
     err = user_error(capsys, "test", "--config", PPCA, "--ckpt_path", str(trained))
     assert "is a checkpoint of vaeflow.models.VAE, but the config's model is " in err
     assert "vaeflow.models.FactorAnalysis" in err
+
+
+def test_a_checkpoint_of_other_data_is_refused(capsys, tmp_path, trained) -> None:
+    data = tmp_path / "ten.npy"
+    np.save(data, np.random.default_rng(0).random((40, 10)))
+    err = user_error(
+        capsys,
+        *("test", "--config", QUICKSTART, "--ckpt_path", str(trained)),
+        *("--data", "vaeflow.data.ArrayDataModule", "--data.path", str(data)),
+        *("--data.binarize", "none", "--data.test_fraction", "0.5"),
+    )
+    assert "examples of shape (64,), but the data module gives examples of shape (10,)" in err
+
+
+def test_ckpt_path_last_without_a_last_checkpoint(capsys, tmp_path, monkeypatch) -> None:
+    """``fit`` starts afresh (a job script can always pass it); ``test`` has nothing to test."""
+    monkeypatch.chdir(tmp_path)
+    run_main("fit", "--config", QUICKSTART, "--ckpt_path", "last", "--trainer.fast_dev_run", "1")
+    assert "no runs/quickstart/version_*/checkpoints/last.ckpt yet" in capsys.readouterr().err
+    err = user_error(capsys, "test", "--config", QUICKSTART, "--ckpt_path", "last")
+    assert "--ckpt_path last: no checkpoint runs/quickstart/version_*/checkpoints/last.ckpt" in err
 
 
 def test_model_config_keeps_the_checkpoints_architecture_and_the_commands_run_settings() -> None:
