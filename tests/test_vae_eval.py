@@ -28,7 +28,8 @@ def run_test(model: VAE, x: torch.Tensor) -> dict[str, float]:
 
 def test_test_logs_active_units_and_the_kl_of_each_dimension() -> None:
     """Active units (variance over the data of E_q[z_j | x] above 0.01) and per-dimension KLs
-    equal the same quantities computed over the whole test set at once."""
+    (kl_dim_0..; zero-padded, kl_dim_00.., from 11 dimensions) equal the same quantities
+    computed over the whole test set at once."""
     torch.manual_seed(0)
     model = VAE((16,), latent_dim=4, eval_samples=30)
     with torch.no_grad():  # dimensions 0 and 2 vary with x, 1 and 3 do not: inactive
@@ -123,3 +124,11 @@ def test_bits_per_dim_of_a_probability_mass_on_the_pixel_levels_take_no_offset()
         metrics = run_test(model, x)
         expected = (16 * offset - metrics["test/elbo"]) / (16 * math.log(2))
         assert metrics["test/elbo_bits_per_dim"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_per_dimension_names_sort_in_order() -> None:
+    from vaeflow.models.vae import dimension_names
+
+    assert dimension_names("kl_dim", 4) == ["kl_dim_0", "kl_dim_1", "kl_dim_2", "kl_dim_3"]
+    names = dimension_names("kl_dim", 50)
+    assert names[0] == "kl_dim_00" and names[-1] == "kl_dim_49" and sorted(names) == names

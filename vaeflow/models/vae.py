@@ -52,9 +52,16 @@ def kl_estimator(estimator: Estimator) -> Callable[[Distribution, Distribution, 
     return kl_or_estimate if estimator == "analytic_kl" else monte_carlo_kl
 
 
+def dimension_names(name: str, count: int) -> list[str]:
+    """``name_00``, ``name_01``, ...: one per latent dimension, zero-padded so that tables and
+    loggers list them in order."""
+    width = len(str(count - 1))
+    return [f"{name}_{j:0{width}d}" for j in range(count)]
+
+
 def per_dimension(name: str, values: Tensor) -> dict[str, Tensor]:
-    """``{name_0: values[0], ...}``: one epoch mean per latent dimension."""
-    return {f"{name}_{j}": value for j, value in enumerate(values.unbind())}
+    """``{name_00: values[0], ...}``: one epoch mean per latent dimension."""
+    return dict(zip(dimension_names(name, len(values)), values.unbind(), strict=True))
 
 
 def check_objective(
@@ -424,12 +431,13 @@ class VAE(SteppedModule):
         0.01) and the KL of each latent dimension (``kl_dim_j``, when the prior factorises).
         The per-dimension moments are removed from ``means``."""
         first, second = (
-            torch.stack([means.pop(f"{name}_{j}") for j in range(self.latent_dim)])
+            torch.stack([means.pop(key) for key in dimension_names(name, self.latent_dim)])
             for name in ("code_mean", "code_square")
         )
         summary = {"active_units": ((second - first.square()) > ACTIVE_UNIT_VARIANCE).sum()}
-        if f"kl_dim_{0}" in means:
-            summary |= {f"kl_dim_{j}": means.pop(f"kl_dim_{j}") for j in range(self.latent_dim)}
+        kl_names = dimension_names("kl_dim", self.latent_dim)
+        if kl_names[0] in means:
+            summary |= {key: means.pop(key) for key in kl_names}
         return summary
 
     def _log_epoch(self, stage: str) -> dict[str, Tensor]:
@@ -439,7 +447,7 @@ class VAE(SteppedModule):
         )
         if "kl" in means:  # the ELBO's epoch mean, from its two terms
             means["elbo"] = means["reconstruction"] - means["kl"]
-        if "code_mean_0" in means:
+        if dimension_names("code_mean", self.latent_dim)[0] in means:
             means |= self.latent_summary(means)
         dims = math.prod(self.input_shape)
         # a probability mass on the pixel levels is already on the data's original grid
