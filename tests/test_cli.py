@@ -132,6 +132,9 @@ def test_missing_and_misshapen_data_files(capsys, tmp_path) -> None:
     np.save(tmp_path / "flat.npy", np.zeros(10))
     err = expect_user_error(capsys, *array_config(tmp_path / "flat.npy"))
     assert "(N, ...)" in err or "shape" in err
+    (tmp_path / "corrupt.npy").write_bytes(b"\x93NUMPY garbage" * 10)
+    err = expect_user_error(capsys, *array_config(tmp_path / "corrupt.npy"))
+    assert "corrupt.npy could not be read as .npy numeric data" in err
 
 
 def test_a_sparse_tensor_file_is_a_message(capsys, tmp_path) -> None:
