@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
@@ -157,7 +158,8 @@ class InterruptCheckpoint(Callback):
     ) -> None:
         if isinstance(exception, SIGTERMException):
             self.signal = signal.SIGTERM
-            self._save(trainer)
+            if trainer.state.fn == TrainerFn.FITTING:  # evaluation has nothing to save
+                self._save(trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
