@@ -5,8 +5,8 @@ grey level, M = 32 factors) and are scored by the exact mean log-likelihood per 
 images. Fit time excludes imports and data loading; vaeflow's includes the whole Lightning fit
 (moment pass, eigendecomposition, EM to convergence). A second comparison is the user's path:
 the same images saved as an .npy file, fitted by `vaeflow fit` from a YAML of only
-ArrayDataModule(path) and FactorAnalysis(latent_dim) (CLI, loading, fit, checkpoint), against
-scikit-learn loading the same .npy and fitting it.
+ArrayDataModule(path, val_fraction=0) and FactorAnalysis(latent_dim) (CLI, loading, fit,
+checkpoint), against scikit-learn loading the same .npy and fitting it.
 
     python benchmarks/fa_mnist.py --root data   # <root>/MNIST/raw/*.gz, as MNISTDataModule reads
 """
@@ -31,12 +31,14 @@ from vaeflow.data import MNISTDataModule
 from vaeflow.metrics import bits_per_dim
 from vaeflow.models import FactorAnalysis
 
-#: `vaeflow fit`'s config on the user's .npy: nothing but the data file and the latent size.
+#: `vaeflow fit`'s config on the user's .npy: the data file, no validation rows (so that both
+#: fit all 60,000 rows, as scikit-learn does) and the latent size.
 USER_YAML = """\
 data:
   class_path: vaeflow.data.ArrayDataModule
   init_args:
     path: {path}
+    val_fraction: 0.0
 model:
   class_path: vaeflow.models.FactorAnalysis
   init_args:
