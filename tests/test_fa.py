@@ -4,8 +4,10 @@ with scikit-learn and the closed-form PPCA solution, DDP, checkpoints and the CL
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,21 +54,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def trainer(**kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+@pytest.fixture
+def trainer(silent_trainer) -> Callable[..., Trainer]:
+    """Quiet trainers that run EM to its own stopping rule, without validation."""
+    return functools.partial(
+        silent_trainer, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0
     )
-    return Trainer(**defaults | kwargs)
 
 
-def fitted(data: SyntheticFADataModule, **kwargs) -> FactorAnalysis:
+def fitted(
+    trainer: Callable[..., Trainer], data: SyntheticFADataModule, **kwargs
+) -> FactorAnalysis:
     model = FactorAnalysis(data.dims, latent_dim=data.latent_dim, **kwargs)
     trainer().fit(model, datamodule=data)
     return model
@@ -165,7 +163,7 @@ def test_moment_sums_in_chunks_are_the_float64_sums() -> None:
 
 @pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_streaming_em_never_lowers_the_log_likelihood(seed: int, noise: str) -> None:
+def test_streaming_em_never_lowers_the_log_likelihood(trainer, seed: int, noise: str) -> None:
     data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2, noise=noise, data_seed=seed)
     model = FactorAnalysis(
         data.dims,
@@ -189,10 +187,12 @@ def test_streaming_em_never_lowers_the_log_likelihood(seed: int, noise: str) -> 
 @pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_accelerated_em_on_the_moments_never_lowers_the_log_likelihood(
-    seed: int, noise: str
+    trainer, seed: int, noise: str
 ) -> None:
     data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2, noise=noise, data_seed=seed)
-    model = fitted(data, noise=noise, method="moments", init="random", seed=seed, tol=1e-10)
+    model = fitted(
+        trainer, data, noise=noise, method="moments", init="random", seed=seed, tol=1e-10
+    )
     ll = np.array([row["train/log_likelihood"] for row in model.history])
     elbo = np.array([row["train/elbo"] for row in model.history])
     assert len(ll) > 5
@@ -201,31 +201,33 @@ def test_accelerated_em_on_the_moments_never_lowers_the_log_likelihood(
     assert model.log_likelihood(train_data(data)).mean().item() == pytest.approx(ll[-1], abs=1e-8)
 
 
-def test_squarem_reaches_plain_em_s_fit_in_fewer_iterations() -> None:
+def test_squarem_reaches_plain_em_s_fit_in_fewer_iterations(trainer) -> None:
     data = SyntheticFADataModule(num_train=2000, dim=10, latent_dim=3)
-    plain = fitted(data, accelerate=False, init="random", tol=1e-10)
-    fast = fitted(data, init="random", tol=1e-10)
+    plain = fitted(trainer, data, accelerate=False, init="random", tol=1e-10)
+    fast = fitted(trainer, data, init="random", tol=1e-10)
     ll_plain, ll_fast = (m.log_likelihood(train_data(data)).mean().item() for m in (plain, fast))
     assert ll_fast == pytest.approx(ll_plain, abs=1e-7)
     assert int(fast.n_iter) < int(plain.n_iter) / 2
 
 
-def test_streaming_and_moments_reach_the_same_fit() -> None:
+def test_streaming_and_moments_reach_the_same_fit(trainer) -> None:
     data = SyntheticFADataModule(num_train=2000, dim=10, latent_dim=3)
     ll = {
-        method: fitted(data, method=method, tol=1e-8).log_likelihood(train_data(data)).mean()
+        method: fitted(trainer, data, method=method, tol=1e-8)
+        .log_likelihood(train_data(data))
+        .mean()
         for method in ("moments", "streaming")
     }
     assert ll["moments"].item() == pytest.approx(ll["streaming"].item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("method", ["moments", "streaming"])
-def test_mixed_precision_training_leaves_em_in_float64(method: str) -> None:
+def test_mixed_precision_training_leaves_em_in_float64(trainer, method: str) -> None:
     """Under bf16 autocast the E-step sums and the M-step still run in float64: the fit equals
     the full-precision one to float64 round-off, not to bf16's three digits."""
     data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2)
     kwargs = dict(method=method, max_iter=5, tol=0.0)
-    full = fitted(data, **kwargs)
+    full = fitted(trainer, data, **kwargs)
     mixed = FactorAnalysis(data.dims, latent_dim=2, **kwargs)
     trainer(precision="bf16-mixed").fit(mixed, datamodule=data)
     assert mixed.loadings.dtype == F64
@@ -236,9 +238,9 @@ def test_mixed_precision_training_leaves_em_in_float64(method: str) -> None:
 
 
 @pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
-def test_recovers_the_true_covariance_and_beats_the_true_parameters(noise: str) -> None:
+def test_recovers_the_true_covariance_and_beats_the_true_parameters(trainer, noise: str) -> None:
     data = SyntheticFADataModule(num_train=20_000, dim=12, latent_dim=3, noise=noise)
-    model = fitted(data, noise=noise)
+    model = fitted(trainer, data, noise=noise)
     truth = data.covariance
     error = torch.linalg.norm(covariance(model) - truth) / torch.linalg.norm(truth)
     assert error < 0.03  # sampling error with 18,000 examples is about 1%
@@ -251,9 +253,9 @@ def test_recovers_the_true_covariance_and_beats_the_true_parameters(noise: str) 
     assert model.log_likelihood(x).mean() >= true_model.log_likelihood(x).mean()
 
 
-def test_isotropic_em_converges_to_the_closed_form_ppca_solution() -> None:
+def test_isotropic_em_converges_to_the_closed_form_ppca_solution(trainer) -> None:
     data = SyntheticFADataModule(num_train=3000, dim=10, latent_dim=3, noise="isotropic")
-    model = fitted(data, noise="isotropic", init="random", tol=0.0, max_iter=20_000)
+    model = fitted(trainer, data, noise="isotropic", init="random", tol=0.0, max_iter=20_000)
     x = train_data(data)
     eigenvalues, vectors = torch.linalg.eigh(torch.cov(x.T, correction=0))
     sigma2 = eigenvalues[:-3].mean()
@@ -268,17 +270,17 @@ def test_isotropic_em_converges_to_the_closed_form_ppca_solution() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_log_likelihood_at_least_scikit_learns(seed: int) -> None:
+def test_log_likelihood_at_least_scikit_learns(trainer, seed: int) -> None:
     data = SyntheticFADataModule(num_train=4000, dim=15, latent_dim=4, data_seed=seed)
-    model = fitted(data)
+    model = fitted(trainer, data)
     x = train_data(data)
     reference = SklearnFA(4, random_state=0).fit(x.numpy())
     assert model.log_likelihood(x).mean().item() >= reference.score(x.numpy()) - 1e-3
 
 
-def test_varimax_matches_scikit_learn_and_keeps_the_likelihood() -> None:
+def test_varimax_matches_scikit_learn_and_keeps_the_likelihood(trainer) -> None:
     data = SyntheticFADataModule(num_train=2000, dim=10, latent_dim=3)
-    plain, rotated = fitted(data), fitted(data, rotation="varimax")
+    plain, rotated = fitted(trainer, data), fitted(trainer, data, rotation="varimax")
     w = plain.loadings.detach()
     expected = _ortho_rotation(w.numpy(), method="varimax").T
     np.testing.assert_allclose(varimax(w).numpy(), expected, rtol=1e-6, atol=1e-9)
@@ -289,7 +291,9 @@ def test_varimax_matches_scikit_learn_and_keeps_the_likelihood() -> None:
 # -- robustness and errors ----------------------------------------------------------------------
 
 
-def fit_array(x: torch.Tensor, latent_dim: int, **kwargs) -> FactorAnalysis:
+def fit_array(
+    trainer: Callable[..., Trainer], x: torch.Tensor, latent_dim: int, **kwargs
+) -> FactorAnalysis:
     """Fit all rows of ``x`` (N x D) in one batch."""
     model = FactorAnalysis((x.shape[1],), latent_dim=latent_dim, **kwargs)
     trainer().fit(model, train_dataloaders=DataLoader(x, batch_size=len(x)))
@@ -326,7 +330,9 @@ class Recording(FactorAnalysis):
 
 
 @pytest.mark.parametrize("accelerate", [True, False])
-def test_with_the_smallest_floor_the_likelihood_stays_exact_and_em_monotone(accelerate) -> None:
+def test_with_the_smallest_floor_the_likelihood_stays_exact_and_em_monotone(
+    trainer, accelerate
+) -> None:
     """Collinear columns put a noise variance on the smallest floor, 1e-9 of its variance. Every
     iterate's logged log-likelihood is the dense float64 one to 1e-5 nats (measured 1.3e-6: the
     rounding of S divided by the floor), the per-example one to 1e-6, and the dense one never
@@ -361,11 +367,11 @@ def test_a_noise_floor_too_small_for_float64_is_refused() -> None:
 
 
 @pytest.mark.parametrize("method", ["moments", "streaming"])
-def test_constant_features_get_the_constant_feature_variance(method: str) -> None:
+def test_constant_features_get_the_constant_feature_variance(trainer, method: str) -> None:
     x = collinear()[:, :6].clone()
     x[:, :2] = 0.0  # zero columns, like MNIST's border pixels
     x[:, 2] = 7.0
-    model = fit_array(x, 2, method=method)
+    model = fit_array(trainer, x, 2, method=method)
     np.testing.assert_allclose(model.noise_variance[:3].detach(), 1e-12, rtol=0)
     assert (model.loadings[:3] == 0).all()
     ll = np.array([row["train/log_likelihood"] for row in model.history])
@@ -376,7 +382,7 @@ def test_constant_features_get_the_constant_feature_variance(method: str) -> Non
 
 
 @pytest.mark.parametrize("method", ["moments", "streaming"])
-def test_a_single_example_or_only_constant_features_is_a_data_error(method: str) -> None:
+def test_a_single_example_or_only_constant_features_is_a_data_error(trainer, method: str) -> None:
     for x in (torch.randn(1, 5), torch.ones(10, 5)):
         model = FactorAnalysis((5,), latent_dim=2, method=method)
         with pytest.raises(DataError, match=r"every feature .* is constant.*at least two"):
@@ -384,13 +390,13 @@ def test_a_single_example_or_only_constant_features_is_a_data_error(method: str)
 
 
 @pytest.mark.parametrize("method", ["moments", "streaming"])
-def test_a_large_offset_fits_as_well_as_the_centred_data(method: str) -> None:
+def test_a_large_offset_fits_as_well_as_the_centred_data(trainer, method: str) -> None:
     """1e6 + noise of 1e-3: the moments are taken about a shift, so the fit is the fit of the
     centred data moved by the offset (float64 keeps 7 digits of the noise)."""
     centred = collinear()[:, :6] * 1e-3
     shifted, plain = (
-        fit_array(centred + 1e6, 2, method=method),
-        fit_array(centred, 2, method=method),
+        fit_array(trainer, centred + 1e6, 2, method=method),
+        fit_array(trainer, centred, 2, method=method),
     )
     torch.testing.assert_close(shifted.mean - 1e6, plain.mean, rtol=0, atol=1e-9)
     torch.testing.assert_close(covariance(shifted), covariance(plain), rtol=1e-6, atol=1e-15)
@@ -399,12 +405,12 @@ def test_a_large_offset_fits_as_well_as_the_centred_data(method: str) -> None:
     np.testing.assert_allclose(ll.numpy(), dense_log_likelihood(shifted, centred + 1e6), rtol=1e-7)
 
 
-def test_rescaling_features_rescales_the_fit() -> None:
+def test_rescaling_features_rescales_the_fit(trainer) -> None:
     """The noise floor is relative to each feature's variance, so features rescaled by factors
     from 1e-3 to 1e3 give the same fit in the new units, and the log-likelihood moves by the
     log-Jacobian. Before, one absolute floor bound some features and not others."""
     x, scale = collinear()[:, :6], torch.logspace(-3, 3, 6, dtype=F64)
-    plain, scaled = fit_array(x, 2, tol=1e-12), fit_array(x * scale, 2, tol=1e-12)
+    plain, scaled = fit_array(trainer, x, 2, tol=1e-12), fit_array(trainer, x * scale, 2, tol=1e-12)
     torch.testing.assert_close(scaled.mean, plain.mean * scale, rtol=1e-12, atol=0)
     torch.testing.assert_close(
         scaled.noise_variance, plain.noise_variance * scale**2, rtol=1e-5, atol=0
@@ -416,18 +422,18 @@ def test_rescaling_features_rescales_the_fit() -> None:
     torch.testing.assert_close(scaled.log_likelihood(x * scale), shifted, rtol=0, atol=1e-5)
 
 
-def test_at_a_tiny_tol_the_fit_reaches_the_converged_likelihood() -> None:
+def test_at_a_tiny_tol_the_fit_reaches_the_converged_likelihood(trainer) -> None:
     """Raw breast-cancer features (variances 4e-6 to 3e5): at tol = 1e-12 the fit ends where
     a fit run for a fixed large number of iterations ends (the log-likelihood's round-off
     here is about 1e-9). Before, a round-off "gain" of -1e-7 stopped it 2.7e-4 nats short, and
     a single round-off gain of 2e-13 stopped it 4e-6 short."""
     x = torch.from_numpy(load_breast_cancer().data)
-    converged = fit_array(x, 5, tol=0.0, max_iter=800).log_likelihood(x).mean().item()
-    tiny = fit_array(x, 5, tol=1e-12, max_iter=800).log_likelihood(x).mean().item()
+    converged = fit_array(trainer, x, 5, tol=0.0, max_iter=800).log_likelihood(x).mean().item()
+    tiny = fit_array(trainer, x, 5, tol=1e-12, max_iter=800).log_likelihood(x).mean().item()
     assert tiny >= converged - 1e-9
 
 
-def test_without_input_shape_the_model_takes_the_data_module_dims(tmp_path: Path) -> None:
+def test_without_input_shape_the_model_takes_the_data_module_dims(trainer, tmp_path: Path) -> None:
     data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2)
     model = FactorAnalysis(latent_dim=2)
     fit = trainer(default_root_dir=tmp_path)
@@ -441,9 +447,9 @@ def test_without_input_shape_the_model_takes_the_data_module_dims(tmp_path: Path
         trainer().fit(FactorAnalysis(latent_dim=2), train_dataloaders=DataLoader(x, batch_size=9))
 
 
-def test_bits_per_dim_rows_come_from_the_data_log_scale() -> None:
+def test_bits_per_dim_rows_come_from_the_data_log_scale(trainer) -> None:
     data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2)
-    model = fitted(data, data_log_scale=math.log(256))
+    model = fitted(trainer, data, data_log_scale=math.log(256))
     for row in model.history:
         expected = bits_per_dim(
             torch.tensor(row["train/log_likelihood"], dtype=F64), 8, math.log(256)
@@ -454,14 +460,14 @@ def test_bits_per_dim_rows_come_from_the_data_log_scale() -> None:
 
 @pytest.mark.parametrize("method", ["moments", "streaming"])
 def test_a_resumed_fit_continues_em_and_ends_at_the_uninterrupted_fit(
-    method: str, tmp_path: Path
+    trainer, method: str, tmp_path: Path
 ) -> None:
     """Interrupted by an epoch budget (streaming) or an iteration budget (moments), then resumed
     from the checkpoint: EM continues from its iteration and parameters. Before, it restarted
     at iteration 0 and ended elsewhere."""
     data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2)
     kwargs = dict(method=method, init="random", tol=0.0)
-    whole = fitted(data, max_iter=12, **kwargs)
+    whole = fitted(trainer, data, max_iter=12, **kwargs)
     half = FactorAnalysis(
         data.dims, latent_dim=2, max_iter=12 if method == "streaming" else 5, **kwargs
     )
@@ -483,7 +489,7 @@ def test_latent_dim_not_below_the_data_dimension_is_a_config_error() -> None:
         FactorAnalysis((5,), latent_dim=5)
 
 
-def test_nan_in_the_data_is_a_data_error() -> None:
+def test_nan_in_the_data_is_a_data_error(trainer) -> None:
     x = torch.randn(100, 5)
     x[17, 2] = float("nan")
     for method in ("moments", "streaming"):
@@ -492,7 +498,7 @@ def test_nan_in_the_data_is_a_data_error() -> None:
             trainer().fit(model, train_dataloaders=DataLoader(x, batch_size=30))
 
 
-def test_an_empty_data_set_is_a_data_error() -> None:
+def test_an_empty_data_set_is_a_data_error(trainer) -> None:
     model = FactorAnalysis((5,), latent_dim=2)
     with pytest.raises(DataError, match="empty"):
         trainer().fit(model, train_dataloaders=DataLoader(torch.empty(0, 5), batch_size=10))
@@ -570,7 +576,7 @@ def test_vaeflow_fit_on_a_users_array_is_at_least_scikit_learn(
 # -- checkpoints, DDP and the command line -------------------------------------------------------
 
 
-def test_reloads_from_a_checkpoint_alone(tmp_path: Path) -> None:
+def test_reloads_from_a_checkpoint_alone(trainer, tmp_path: Path) -> None:
     data = SyntheticFADataModule(num_train=1000, dim=8, latent_dim=2)
     model = FactorAnalysis(data.dims, latent_dim=2, noise="isotropic")
     fit = trainer(default_root_dir=tmp_path)
@@ -584,13 +590,13 @@ def test_reloads_from_a_checkpoint_alone(tmp_path: Path) -> None:
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("method", ["moments", "streaming"])
-def test_two_processes_fit_what_one_process_fits(method: str, ddp_spawn) -> None:
+def test_two_processes_fit_what_one_process_fits(trainer, method: str, ddp_spawn) -> None:
     """The ``ddp_spawn`` fixture's workers skip interpreter finalisation, where gloo aborted
     about one fit in 15 (see :class:`~vaeflow.lightning_private.SpawnSkippingFinalisation`)."""
     # 1800 training examples shard evenly over 2 ranks, so no example is padded in twice
     data = SyntheticFADataModule(num_train=2000, dim=8, latent_dim=2, batch_size=300)
     kwargs = dict(method=method, max_iter=8, tol=0.0)
-    single = fitted(data, **kwargs)
+    single = fitted(trainer, data, **kwargs)
     double = FactorAnalysis(data.dims, latent_dim=2, **kwargs)
     trainer(strategy=ddp_spawn, devices=2).fit(double, datamodule=data)
     torch.testing.assert_close(covariance(double), covariance(single), rtol=1e-9, atol=1e-10)
