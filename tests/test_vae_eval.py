@@ -15,18 +15,11 @@ def digits_like(n: int = 120) -> torch.Tensor:
     return torch.randint(0, 2, (n, 16), generator=torch.Generator().manual_seed(0)).float()
 
 
-def run_test(model: VAE, x: torch.Tensor) -> dict[str, float]:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+def run_test(trainer: pl.Trainer, model: VAE, x: torch.Tensor) -> dict[str, float]:
     return trainer.test(model, DataLoader(x, batch_size=50), verbose=False)[0]
 
 
-def test_test_logs_active_units_and_the_kl_of_each_dimension() -> None:
+def test_test_logs_active_units_and_the_kl_of_each_dimension(silent_trainer) -> None:
     """Active units (variance over the data of E_q[z_j | x] above 0.01) and per-dimension KLs
     (kl_dim_0..; zero-padded, kl_dim_00.., from 11 dimensions) equal the same quantities
     computed over the whole test set at once."""
@@ -36,7 +29,7 @@ def test_test_logs_active_units_and_the_kl_of_each_dimension() -> None:
         model.encoder.layers[-1].weight[[0, 2]] *= 10.0
         model.encoder.layers[-1].weight[[1, 3]] = 0.0
     x = digits_like()
-    metrics = run_test(model, x)
+    metrics = run_test(silent_trainer(), model, x)
     with torch.no_grad():
         posterior = model.encode(x)
         variance = posterior.mean.var(0, unbiased=False)
@@ -93,17 +86,16 @@ def test_the_default_chunk_bounds_the_decoder_outputs(monkeypatch) -> None:
     assert max(sizes) * 16 <= 16 * 100 * 64 and sum(sizes) == 5000 * 100
 
 
-def test_predict_writes_codes_and_the_spread_of_samples_and_reconstructions(tmp_path) -> None:
+def test_predict_writes_codes_and_the_spread_of_samples_and_reconstructions(
+    silent_trainer, tmp_path
+) -> None:
     """With predict_samples, latents.pt holds per example the posterior mean, the spread of
     the posterior samples (their standard deviation estimates q's: within 15% at S = 200) and
     the spread of their reconstructions, one row per example in data order."""
     torch.manual_seed(0)
     model = VAE((16,), latent_dim=3, predict_samples=200)
     x = digits_like(30)
-    trainer = pl.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
-    )
-    trainer.predict(model, DataLoader(x, batch_size=8), return_predictions=False)
+    silent_trainer().predict(model, DataLoader(x, batch_size=8), return_predictions=False)
     written = torch.load(tmp_path / "latents.pt")
     posterior = model.encode(x)
     torch.testing.assert_close(written["latents"], posterior.mean.detach())
@@ -114,14 +106,16 @@ def test_predict_writes_codes_and_the_spread_of_samples_and_reconstructions(tmp_
     assert (written["reconstruction_spread"] > 0).all()
 
 
-def test_bits_per_dim_of_a_probability_mass_on_the_pixel_levels_take_no_offset() -> None:
+def test_bits_per_dim_of_a_probability_mass_on_the_pixel_levels_take_no_offset(
+    silent_trainer,
+) -> None:
     """A 256-way categorical is a mass on the 8-bit grid already: its bits/dim are
     -log p / (D ln 2) whatever the data module's log scale; a density's take the offset."""
     x = (torch.randint(0, 256, (20, 16), generator=torch.Generator().manual_seed(0)) / 255).float()
     for likelihood, offset in (("categorical", 0.0), ("gaussian", math.log(256))):
         torch.manual_seed(0)
         model = VAE((16,), latent_dim=2, likelihood=likelihood, data_log_scale=math.log(256))
-        metrics = run_test(model, x)
+        metrics = run_test(silent_trainer(), model, x)
         expected = (16 * offset - metrics["test/elbo"]) / (16 * math.log(2))
         assert metrics["test/elbo_bits_per_dim"] == pytest.approx(expected, rel=1e-5)
 

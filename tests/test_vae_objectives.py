@@ -3,6 +3,7 @@ warm-up, free bits, and the doubly reparameterised IWAE gradient (DReG)."""
 
 import functools
 import math
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import pytest
@@ -24,15 +25,8 @@ def binary_data(n: int = 64) -> torch.Tensor:
     return torch.randint(0, 2, (n, 6), generator=torch.Generator().manual_seed(1)).float()
 
 
-def fit_steps(model: VAE, steps: int) -> pl.Trainer:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+def fit_steps(silent_trainer: Callable[..., pl.Trainer], model: VAE, steps: int) -> pl.Trainer:
+    trainer = silent_trainer(max_steps=steps, max_epochs=-1)
     trainer.fit(model, DataLoader(binary_data(), batch_size=8))
     return trainer
 
@@ -50,15 +44,17 @@ def test_beta_weighs_the_kl_term() -> None:
 
 
 @pytest.mark.parametrize(("training", "steps", "batches"), [("joint", 4, 4), ("alternating", 8, 4)])
-def test_kl_warm_up_ramps_the_weight_linearly(training: str, steps: int, batches: int) -> None:
+def test_kl_warm_up_ramps_the_weight_linearly(
+    silent_trainer, training: str, steps: int, batches: int
+) -> None:
     """After 4 batches of a 10-step warm-up the KL weighs 0.4 beta; the ELBO logged is whole."""
     model = small_vae(beta=0.5, kl_warmup_steps=10, training=training)
     assert model.kl_weight() == 0.0  # before any step
-    fit_steps(model, steps)
+    fit_steps(silent_trainer, model, steps)
     assert model.kl_weight() == pytest.approx(0.5 * batches / 10)
     loss, reconstruction, kl = loss_and_terms(model, binary_data(16))
     torch.testing.assert_close(loss, 0.5 * batches / 10 * kl - reconstruction)
-    fit_steps(model, steps + 40)  # past the warm-up: beta
+    fit_steps(silent_trainer, model, steps + 40)  # past the warm-up: beta
     assert model.kl_weight() == 0.5
 
 

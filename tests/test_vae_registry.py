@@ -25,7 +25,7 @@ def data_for(model: VAE) -> torch.Tensor:
 @pytest.mark.parametrize("prior", PRIORS.names())
 @pytest.mark.parametrize("likelihood", LIKELIHOODS.names())
 def test_every_likelihood_with_every_prior_trains_checkpoints_and_reloads(
-    tmp_path, likelihood: str, prior: str
+    silent_trainer, tmp_path, likelihood: str, prior: str
 ) -> None:
     pl.seed_everything(0)
     model = VAE(
@@ -35,15 +35,7 @@ def test_every_likelihood_with_every_prior_trains_checkpoints_and_reloads(
         prior=PRIORS.build(prior, **SMALL.get(prior, {})),
     )
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = silent_trainer(max_steps=1)
     trainer.fit(model, DataLoader(data_for(model), batch_size=16))
     assert trainer.global_step == 1
     assert any(not torch.equal(before[key], value) for key, value in model.state_dict().items())
