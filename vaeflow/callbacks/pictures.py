@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import PIL.Image
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.distributions import Distribution
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 from typing_extensions import override
 
 from vaeflow.callbacks import plots
@@ -84,6 +85,14 @@ def grid(images: Tensor, columns: int) -> Tensor:
     picture = make_grid(images, nrow=columns, padding=1, pad_value=1.0)
     scale = max(1, TARGET_SIDE // max(picture.shape[1:]))
     return picture.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+
+
+def save_png(image: Tensor, path: Path) -> None:
+    """``image`` (3, H, W) in [0, 1] as an 8-bit PNG, rounded as ``torchvision``'s
+    ``save_image`` does, compressed fast: zlib's level 1 takes a fifth of the default's time
+    for files about a third larger."""
+    pixels = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    PIL.Image.fromarray(pixels).save(path, compress_level=1)
 
 
 class Picture:
@@ -420,7 +429,7 @@ class Pictures(Callback):
                     folder = self._folder / kind.name
                     folder.mkdir(parents=True, exist_ok=True)
                     path = folder / f"epoch={epoch:04d}.png"
-                    save_image(image, path)
+                    save_png(image, path)
                     log_image(trainer, f"{PICTURES_DIR}/{kind.name}", image, path)
         finally:
             pl_module.train(was_training)

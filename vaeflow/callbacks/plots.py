@@ -4,6 +4,7 @@ more than the pictures may take of a small model's training (2%)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +29,9 @@ SIZE = 320  # plot area, pixels
 MARGIN = 36  # room for the title and the tick labels
 
 
+@functools.cache
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's own font (loading it takes milliseconds: once per size)."""
     return ImageFont.load_default(size=size)
 
 
@@ -59,10 +62,10 @@ def _ticks(
     """Each axis's two ends, labelled."""
     font = _font(10)
     bottom, right = MARGIN + SIZE, MARGIN + SIZE
-    draw.text((MARGIN, bottom + 4), f"{x_range[0]:.3g}", fill="black", font=font)
-    draw.text((right, bottom + 4), f"{x_range[1]:.3g}", fill="black", font=font, anchor="ra")
-    draw.text((MARGIN - 4, bottom), f"{y_range[0]:.3g}", fill="black", font=font, anchor="rd")
-    draw.text((MARGIN - 4, MARGIN), f"{y_range[1]:.3g}", fill="black", font=font, anchor="ra")
+    draw.text((MARGIN, bottom + 4), f"{x_range[0]:.6g}", fill="black", font=font)
+    draw.text((right, bottom + 4), f"{x_range[1]:.6g}", fill="black", font=font, anchor="ra")
+    draw.text((MARGIN - 4, bottom), f"{y_range[0]:.6g}", fill="black", font=font, anchor="rd")
+    draw.text((MARGIN - 4, MARGIN), f"{y_range[1]:.6g}", fill="black", font=font, anchor="ra")
 
 
 def _axis_names(image: Image.Image, draw: ImageDraw.ImageDraw, axes: Sequence[str]) -> None:
