@@ -32,6 +32,7 @@ from vaeflow.callbacks.plots import PALETTE
 from vaeflow.data import DigitsDataModule, MNISTDataModule
 from vaeflow.errors import ConfigError
 from vaeflow.models import VAE, FactorAnalysis
+from vaeflow.registry import LIKELIHOODS
 
 VAE_KINDS = [Reconstructions, Samples, LatentTraversals, Interpolations, LatentScatter]
 FA_KINDS = [Loadings, LogLikelihoodCurve, LatentScatter]
@@ -255,3 +256,19 @@ def test_data_modules_give_labels_row_for_row_with_their_splits(mnist_root: Path
     train_labels, test_labels = mnist.load_labels()
     assert len(test_labels) == 10_000 and torch.equal(mnist.labels("test"), test_labels)
     assert torch.equal(mnist.labels("val"), train_labels[mnist.indices["val"]])
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS.names())
+def test_every_picture_of_a_vae_draws_with_every_registered_likelihood(likelihood: str) -> None:
+    """Colour images, and families whose mean torch does not define (a categorical over pixel
+    levels): each kind still draws a finite picture."""
+    torch.manual_seed(0)
+    model = VAE(input_shape=(3, 4, 4), latent_dim=3, likelihood=likelihood).eval()
+    x = torch.rand(64, 3, 4, 4)
+    if LIKELIHOODS.get(likelihood).discrete:
+        x = (x * 255).round() / 255  # on the 8-bit grid
+    shown = Examples(x, torch.arange(64) % 10, (3, 4, 4), (0.0, 1.0))
+    for kind in VAE_KINDS:
+        with torch.no_grad():
+            picture = kind().draw(model, shown)
+        assert picture.shape[0] == 3 and torch.isfinite(picture).all(), kind.name
