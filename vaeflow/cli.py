@@ -207,15 +207,17 @@ def import_path(cls: type) -> str:
 
 
 def print_registries() -> None:
-    """``vaeflow list``: every registered likelihood and prior, built-in or from plugins."""
-    failed = load_plugins()
+    """``vaeflow list``: every registered likelihood and prior, built-in or from plugins, with
+    the installed package each comes from."""
+    registries = (LIKELIHOODS, PRIORS)
+    failed = {name: error for r in registries for name, error in r.load_plugins().items()}
     console = Console()
-    for registry in (LIKELIHOODS, PRIORS):
+    for registry in registries:
         table = Table(title=f"{registry.kind}s ({registry.group})", title_justify="left")
-        for column in ("name", "class", "description"):
+        for column in ("name", "class", "package", "description"):
             table.add_column(column)
-        for row in registry.describe():
-            table.add_row(*row)
+        for name, path, summary in registry.describe():
+            table.add_row(name, path, registry.source(name), summary)
         console.print(table)
     for name, error in failed.items():
         console.print(f"[red]plugin {name!r} failed to load:[/red] {error}")
