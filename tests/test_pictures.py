@@ -124,6 +124,9 @@ def test_loadings_are_red_where_positive_blue_where_negative_largest_factor_firs
     second = torch.tensor([red, blue, white, [1.0, 0.5, 0.5]])
     expected = torch.stack([first, second]).permute(0, 2, 1).reshape(2, 3, 2, 2)
     torch.testing.assert_close(picture, grid(expected, 2))
+    strips = Examples(torch.zeros(2, 4), None, (1, 1, 4), (0.0, 1.0))  # data that are not images
+    heat_map = Loadings(columns=2).draw(StubFA(), strips)
+    torch.testing.assert_close(heat_map, grid(expected.reshape(2, 3, 1, 4), 1))  # a row each
 
 
 def test_log_likelihood_curve_draws_every_em_iteration() -> None:

@@ -282,7 +282,8 @@ class LatentScatter(Picture):
 
 class Loadings(Picture):
     """Factor analysis's loadings, one picture per factor (the columns of W, largest norm
-    first): red positive, blue negative, white zero, each on its own scale.
+    first): red positive, blue negative, white zero, each on its own scale. For data that are
+    not images, one strip per factor, stacked into a heat map.
 
     Args:
         num_factors: how many factors at most.
@@ -307,7 +308,8 @@ class Loadings(Picture):
             images = torch.cat([1 - negative, 1 - positive - negative, 1 - positive], dim=1)
         else:  # colour images: zero is mid-grey
             images = (w + 1) / 2
-        return grid(images, min(self.columns, len(w)))
+        strips = examples.image_shape[1] == 1  # data that are not images: one row per factor
+        return grid(images, 1 if strips else min(self.columns, len(w)))
 
 
 class LogLikelihoodCurve(Picture):
