@@ -215,21 +215,14 @@ def test_default_kinds_fit_the_model_and_the_schedule_is_every_n_epochs_and_the_
     assert callback.seconds > 0
 
 
-def test_pictures_leave_the_training_as_it_was(tmp_path: Path) -> None:
+def test_pictures_leave_the_training_as_it_was(silent_trainer, tmp_path: Path) -> None:
     """Drawing uses a random stream of its own: the fit is the same with or without it."""
     weights = []
     for folder, callbacks in (("with", [Pictures(every_n_epochs=1)]), ("without", [])):
         seed_everything(0)
         model = VAE(input_shape=(64,), latent_dim=3)
-        trainer = Trainer(
-            accelerator="cpu",
-            max_epochs=2,
-            logger=False,
-            callbacks=callbacks,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path / folder,
+        trainer = silent_trainer(
+            max_epochs=2, callbacks=callbacks, default_root_dir=tmp_path / folder
         )
         trainer.fit(model, DigitsDataModule(batch_size=256, binarize="dynamic"))
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
