@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 from jsonargparse.typing import import_object
 from lightning.pytorch import LightningModule, Trainer
@@ -255,6 +256,16 @@ def main(args: ArgsType = None) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    end_process_group()
     stopped = interrupting_signal(cli.trainer) if cli.subcommand else None
     if stopped is not None:
         sys.exit(128 + stopped)
+
+
+def end_process_group() -> None:
+    """Close the process group of a multi-process run (``ddp``, torchrun, SLURM) while Python
+    still runs: Lightning closes it only for NCCL, and with gloo's left open a finished run
+    now and then aborts in interpreter finalisation ("terminate called without an active
+    exception", exit 134), which torchrun and SLURM would report as a failed job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
