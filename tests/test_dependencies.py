@@ -4,6 +4,7 @@ an import made inside a function (a feature that only some runs use) is declared
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import re
 import sys
@@ -41,8 +42,14 @@ def declared() -> tuple[set[str], set[str]]:
     return runtime, extras
 
 
+@functools.cache
+def installed_modules() -> dict[str, list[str]]:
+    """Top-level module -> distributions providing it (a scan of every installed package)."""
+    return importlib.metadata.packages_distributions()
+
+
 def distributions_of(module: str) -> set[str]:
-    found = importlib.metadata.packages_distributions().get(module, [])
+    found = installed_modules().get(module, [])
     return {name.lower().replace("_", "-") for name in found}
 
 
