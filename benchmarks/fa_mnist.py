@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -89,6 +90,46 @@ def fit_user_path(folder: Path, x: np.ndarray, latent_dim: int) -> tuple[float, 
     return seconds, ll, time.perf_counter() - start
 
 
+class Comparison(NamedTuple):
+    """Medians of alternated fits of vaeflow and scikit-learn on the same rows."""
+
+    seconds: float
+    sklearn_seconds: float
+    model: FactorAnalysis
+    reference: SklearnFA
+    times: dict[str, list[float]]
+
+
+def mnist_for_fa(root: str, download: bool = False, batch_size: int = 10_000) -> MNISTDataModule:
+    """MNIST's training images scaled to [0, 1] and dequantised once, set up."""
+    data = MNISTDataModule(
+        root=root,
+        download=download,
+        dequantize="static",
+        val_fraction=0.0,
+        batch_size=batch_size,
+        shuffle=False,  # EM's sums do not depend on the order: batches are views
+    )
+    data.prepare_data()
+    data.setup("fit")
+    return data
+
+
+def alternate_fits(data: MNISTDataModule, latent_dim: int, repeats: int) -> Comparison:
+    """Alternate the two fits and take medians: on a shared machine the load of other
+    processes changes from one fit to the next."""
+    x64 = data.splits["train"].double().numpy()
+    times: dict[str, list[float]] = {"vaeflow": [], "sklearn": []}
+    for _ in range(repeats):
+        seconds, model = fit_vaeflow(data, latent_dim)
+        times["vaeflow"].append(seconds)
+        start = time.perf_counter()
+        reference = SklearnFA(latent_dim, random_state=0).fit(x64)
+        times["sklearn"].append(time.perf_counter() - start)
+    seconds, sk_seconds = (statistics.median(times[name]) for name in ("vaeflow", "sklearn"))
+    return Comparison(seconds, sk_seconds, model, reference, times)
+
+
 def bits(log_likelihood: float, dims: int, log_scale: float) -> float:
     return bits_per_dim(torch.tensor(log_likelihood, dtype=torch.float64), dims, log_scale).item()
 
@@ -108,33 +149,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)  # OpenBLAS behind numpy, SciPy and scikit-learn
 
-    data = MNISTDataModule(
-        root=args.root,
-        download=args.download,
-        dequantize="static",
-        val_fraction=0.0,
-        batch_size=args.batch_size,
-        shuffle=False,  # EM's sums do not depend on the order: batches are views
-    )
-    data.prepare_data()
-    data.setup("fit")
+    data = mnist_for_fa(args.root, args.download, args.batch_size)
     x = data.splits["train"]
     x64 = x.double().numpy()
     print(
         f"MNIST train: {tuple(x.shape)}, M = {args.latent_dim}, torch threads = "
         f"{torch.get_num_threads()}"
     )
-
-    # Alternate the two fits and take medians: on a shared machine the load of other
-    # processes changes from one fit to the next.
-    times: dict[str, list[float]] = {"vaeflow": [], "sklearn": []}
-    for _ in range(args.repeats):
-        seconds, model = fit_vaeflow(data, args.latent_dim)
-        times["vaeflow"].append(seconds)
-        start = time.perf_counter()
-        reference = SklearnFA(args.latent_dim, random_state=0).fit(x64)
-        times["sklearn"].append(time.perf_counter() - start)
-    seconds, sk_seconds = (statistics.median(times[name]) for name in ("vaeflow", "sklearn"))
+    comparison = alternate_fits(data, args.latent_dim, args.repeats)
+    seconds, sk_seconds, model, reference, times = comparison
     ll = model.log_likelihood(x).mean().item()
     iterations = int(model.n_iter)
     sk_ll = reference.score(x64)

@@ -30,14 +30,12 @@ import tempfile
 import time
 
 import torch
-from fa_mnist import fit_vaeflow
+from fa_mnist import alternate_fits, mnist_for_fa
 from lightning.pytorch import Callback, LightningModule, Trainer
-from sklearn.decomposition import FactorAnalysis as SklearnFA
 from typing_extensions import override
 from vae_mnist import CONFIG, HandLoop
 
 from vaeflow.cli import VaeflowCLI
-from vaeflow.data import MNISTDataModule
 
 
 def synchronize(device: torch.device) -> None:
@@ -173,28 +171,12 @@ def vae_table(args: argparse.Namespace) -> None:
 def fa_table(args: argparse.Namespace) -> None:
     """Factor analysis of MNIST (as ``benchmarks/fa_mnist.py``): fit seconds and the exact mean
     training log-likelihood of vaeflow and scikit-learn."""
-    data = MNISTDataModule(
-        root=args.data_root,
-        dequantize="static",
-        val_fraction=0.0,
-        batch_size=10_000,
-        shuffle=False,  # EM's sums do not depend on the order: batches are views
-    )
-    data.prepare_data()
-    data.setup("fit")
+    data = mnist_for_fa(args.data_root)
     if args.fa_examples:
         data.splits["train"] = data.splits["train"][: args.fa_examples]
     x = data.splits["train"]
-    x64 = x.double().numpy()
-    times: dict[str, list[float]] = {"vaeflow": [], "sklearn": []}
-    for _ in range(args.repeats):
-        seconds, model = fit_vaeflow(data, args.latent_dim)
-        times["vaeflow"].append(seconds)
-        start = time.perf_counter()
-        reference = SklearnFA(args.latent_dim, random_state=0).fit(x64)
-        times["sklearn"].append(time.perf_counter() - start)
-    seconds, sk_seconds = (statistics.median(times[name]) for name in ("vaeflow", "sklearn"))
-    ll, sk_ll = model.log_likelihood(x).mean().item(), reference.score(x64)
+    seconds, sk_seconds, model, reference, _ = alternate_fits(data, args.latent_dim, args.repeats)
+    ll, sk_ll = model.log_likelihood(x).mean().item(), reference.score(x.double().numpy())
     print(
         f"\nfactor analysis of MNIST: {tuple(x.shape)}, M = {args.latent_dim}, median of "
         f"{args.repeats} (vaeflow: fa_mnist.fit_vaeflow, a CPU Lightning fit)"
