@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from vaeflow.cli import VaeflowCLI
 from vaeflow.models import VAE
+from vaeflow.steps_per_call import fitting
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "vae_mnist.yaml"
 
@@ -207,7 +208,8 @@ def main() -> None:
     hand = HandLoop(model, datamodule.splits["train"], datamodule.batch_size)
     timer = Interleave(hand, args.chunk)
     trainer.callbacks.insert(0, timer)
-    trainer.fit(model, datamodule)
+    with fitting(model):  # as `vaeflow fit` runs it
+        trainer.fit(model, datamodule)
 
     steps = trainer.num_training_batches
     vaeflow_ms, hand_ms, ratio = summarise(timer)

@@ -298,6 +298,28 @@ def test_diverging_training_stops_and_keeps_only_good_checkpoints(
         assert "the last good one is " in err and any(p.name == "last.ckpt" for p in checkpoints)
 
 
+def test_divergence_is_caught_mid_epoch_with_several_steps_per_call(
+    capsys, tmp_path, monkeypatch
+) -> None:
+    """The guard counts steps, not the batch index its hook sees (every 5th batch here)."""
+    monkeypatch.chdir(tmp_path)
+    err = user_error(
+        capsys,
+        "fit",
+        "--config",
+        QUICKSTART,
+        "--model.init_args.optimizer.init_args.lr",
+        "1e6",
+        "--model.init_args.steps_per_call",
+        "5",
+        "--model.init_args.eval_samples",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+    )
+    assert "training diverged at epoch 0, step 5:" in err and "-fold" in err
+
+
 # -- checkpoints survive crashes ----------------------------------------------------------------
 
 
@@ -375,3 +397,21 @@ def test_a_killed_run_resumes_with_the_same_batches_and_noise(tmp_path) -> None:
     rows = metrics_rows(tmp_path / "runs" / "quickstart" / "version_1")
     later = [row for row in expected if int(row["epoch"]) > resumed_from]
     assert rows == later
+
+
+def test_a_refused_run_leaves_no_empty_run_folder(capsys, tmp_path, monkeypatch) -> None:
+    """The run folder is claimed before the model is built; a model the config cannot build
+    leaves no ``version_<n>`` behind, and a folder that holds files is never removed."""
+    monkeypatch.chdir(tmp_path)
+    kept = tmp_path / "runs" / "quickstart" / "version_0"
+    kept.mkdir(parents=True)
+    (kept / "notes.txt").write_text("an earlier run")
+    err = user_error(capsys, "fit", "--config", QUICKSTART, "--model.init_args.latent_dim", "0")
+    assert "latent_dim" in err
+    assert [p.name for p in kept.parent.iterdir()] == ["version_0"]
+    assert (kept / "notes.txt").read_text() == "an earlier run"
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.chdir(fresh)
+    user_error(capsys, "fit", "--config", QUICKSTART, "--model.init_args.latent_dim", "0")
+    assert list(fresh.iterdir()) == []  # not even runs/quickstart

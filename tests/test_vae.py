@@ -322,3 +322,14 @@ def test_the_latent_code_writer_is_attached_for_predict_only(silent_trainer) -> 
     trainer = silent_trainer(max_steps=1, limit_val_batches=0)
     trainer.fit(VAE((64,), latent_dim=2), DigitsDataModule())
     assert not any(isinstance(c, LatentCodeWriter) for c in trainer.callbacks)
+
+
+def test_the_standard_normal_prior_follows_the_model_to_another_dtype() -> None:
+    """Its distribution is kept between steps and rebuilt when ``.to()`` replaces the buffers."""
+    model = VAE(input_shape=(4,), latent_dim=3)
+    assert model.prior() is model.prior()  # one object per step, not one per call
+    assert model.prior().sample((2,)).dtype == torch.float32
+    model.double()
+    assert model.prior().sample((2,)).dtype == torch.float64
+    x = torch.rand(5, 4, dtype=torch.float64).round()
+    assert model.elbo(x).dtype == torch.float64

@@ -30,7 +30,7 @@ from vaeflow.checkpointing import LAST, model_config, read_checkpoint
 from vaeflow.errors import CheckpointError, ConfigError
 from vaeflow.guards import interrupting_signal
 from vaeflow.registry import LIKELIHOODS, PRIORS, load_plugins
-from vaeflow.runs import claim_run_folders, resolve_last
+from vaeflow.runs import claim_run_folders, empty_run_folders_removed_on_error, resolve_last
 from vaeflow.steps_per_call import fitting
 from vaeflow.user_errors import check_config_files, explain
 from vaeflow.utils import as_list
@@ -242,7 +242,8 @@ def main(args: ArgsType = None) -> None:
         check_config_files(argv)
         if args is None:  # LightningCLI reads sys.argv (and DDP relaunches it): without --debug
             sys.argv[1:] = argv
-        cli = VaeflowCLI(args=None if args is None else argv)
+        with empty_run_folders_removed_on_error():
+            cli = VaeflowCLI(args=None if args is None else argv)
     except SIGTERMException:  # Lightning's stop at SIGTERM; last.ckpt is written
         sys.exit(128 + signal.SIGTERM)
     except Exception as error:

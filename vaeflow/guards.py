@@ -52,16 +52,21 @@ class DivergenceGuard(Callback):
         self.every_n_steps = every_n_steps
         self.max_growth = max_growth
         self._initial_norms: list[float] = []
+        self._next_check = 0
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._initial_norms = [total_norm([p]) for p in pl_module.parameters()]
+        self._next_check = trainer.global_step
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if batch_idx % self.every_n_steps == 0:
+        # by the step count, not batch_idx: with several steps per call this hook sees every
+        # k-th batch, whose index may never be a multiple of every_n_steps
+        if trainer.global_step >= self._next_check:
+            self._next_check = trainer.global_step + self.every_n_steps
             self.check(trainer, pl_module)
 
     @override

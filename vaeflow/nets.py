@@ -61,7 +61,9 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x.flatten(-len(self.input_shape))).unflatten(-1, self.output_shape)
+        outputs = self.layers(x.flatten(-len(self.input_shape)))
+        # a flat output shape needs no view (each is an autograd node, in every step)
+        return outputs if len(self.output_shape) == 1 else outputs.unflatten(-1, self.output_shape)
 
 
 def image_shape(shape: tuple[int, ...], strides: int, role: str) -> tuple[int, int, int]:

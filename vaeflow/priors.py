@@ -145,9 +145,16 @@ class StandardNormalPrior(Prior):
         super().bind(context)
         self.register_buffer("zeros", torch.zeros(self.latent_dim), persistent=False)
         self.register_buffer("ones", torch.ones(self.latent_dim), persistent=False)
+        self._distribution: StandardDiagonalNormal | None = None
 
     def forward(self) -> Distribution:
-        return StandardDiagonalNormal(self.marginals(), 1, validate_args=False)
+        """The same object at every step (building it costs a quarter of the KL's time on a
+        small model), rebuilt when the buffers moved (``.to(device)`` replaces them)."""
+        cached = self._distribution
+        if cached is None or cached.base_dist.loc is not self.zeros:
+            cached = StandardDiagonalNormal(self.marginals(), 1, validate_args=False)
+            self._distribution = cached
+        return cached
 
     def marginals(self) -> Distribution:
         return StandardNormal(self.zeros, self.ones, validate_args=False)

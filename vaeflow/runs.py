@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -25,6 +27,9 @@ from vaeflow.utils import as_list
 
 #: Loggers whose runs live in ``<save_dir>/<name>/version_<n>``.
 VERSIONED = (CSVLogger, TensorBoardLogger)
+#: The run folders this process created, so that a run refused before writing anything leaves
+#: no empty folder behind (:func:`empty_run_folders_removed_on_error`).
+CREATED: list[Path] = []
 #: The versions the first process claimed, for the processes Lightning launches for the other
 #: ranks (they inherit its environment and must log to the same folders).
 VERSIONS_VARIABLE = "VAEFLOW_RUN_VERSIONS"
@@ -65,11 +70,14 @@ def claim_run_folders(trainer: Namespace) -> None:
 
 def claim(root: Path, version: int | str | None) -> int | str:
     """Create the run folder ``root/version_<version>`` (the next free number when None)."""
+    missing = [folder for folder in (root, *root.parents) if not folder.exists()]
     root.mkdir(parents=True, exist_ok=True)
+    CREATED.extend(reversed(missing))
     if version is not None:
         folder = root / (version if isinstance(version, str) else f"version_{version}")
         try:
             folder.mkdir()
+            CREATED.append(folder)
         except FileExistsError:
             if any(folder.iterdir()):
                 last = folder.resolve() / "checkpoints" / f"{LAST}.ckpt"
@@ -89,9 +97,27 @@ def claim(root: Path, version: int | str | None) -> int | str:
     while True:
         try:
             (root / f"version_{number}").mkdir()
+            CREATED.append(root / f"version_{number}")
             return number
         except FileExistsError:  # another run took it in the meantime
             number += 1
+
+
+@contextmanager
+def empty_run_folders_removed_on_error() -> Iterator[None]:
+    """Around a run: if it raises, remove the run folders it created that are still empty, so
+    that a run refused before it wrote anything (a bad option, data file or checkpoint) leaves
+    none. ``rmdir`` removes only an empty folder: nothing written is ever lost."""
+    CREATED.clear()
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(CREATED):
+            with suppress(OSError):  # holds the run's files, or is gone
+                folder.rmdir()
+        raise
+    finally:
+        CREATED.clear()
 
 
 def resolve_last(trainer: Namespace, subcommand: str) -> str | None:

@@ -224,7 +224,8 @@ class VAE(SteppedModule):
     def decoder_outputs(self, z: Tensor) -> Tensor:
         """The decoder's outputs for ``z``, whose leading dimensions it sees as one batch."""
         outputs = at_least_float32(self.decoder(z.reshape(-1, self.latent_dim)))
-        return outputs.reshape(*z.shape[:-1], -1)
+        shape = (*z.shape[:-1], self.likelihood.num_outputs)
+        return outputs if outputs.shape == shape else outputs.reshape(shape)
 
     def elbo_terms(
         self, x: Tensor, num_samples: int = 1, estimator: Estimator = "analytic_kl"
