@@ -9,7 +9,7 @@ import torch
 from scipy import special, stats
 from torch.distributions import constraints
 
-from vaeflow.errors import DataError
+from vaeflow.errors import ConfigError, DataError
 from vaeflow.likelihoods import GaussianLikelihood
 from vaeflow.priors import DiagonalNormal, PriorContext, StandardNormal, kl_or_estimate
 from vaeflow.registry import LIKELIHOODS, PRIORS
@@ -348,3 +348,31 @@ def test_continuous_bernoulli_is_stable_near_one_half() -> None:
     torch.testing.assert_close(double, expected, rtol=1e-14, atol=1e-14)
     single = continuous_bernoulli_log_norm(torch.tensor(logits, dtype=torch.float32))
     torch.testing.assert_close(single.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_learned_scales_are_capped_so_they_cannot_overflow() -> None:
+    """Raw scales at 1e30 (a diverged run) give the caps, and finite log-densities."""
+    gaussian = bound_likelihood("gaussian", variance="per_dimension", max_std=50.0)
+    gaussian.raw_std.data.fill_(1e30)
+    torch.testing.assert_close(gaussian.scale(), torch.full(EVENT_SHAPE, 50.0))
+    x = torch.rand(BATCH, *EVENT_SHAPE)
+    for name, caps in (("laplace", {"max_scale": 50.0}), ("discretized_logistic", {})):
+        likelihood = bound_likelihood(name, **caps)
+        params = torch.zeros(BATCH, *EVENT_SHAPE, likelihood.num_params)
+        params[..., -1] = 1e30  # the scale channel
+        outputs = params.movedim(-1, 1).flatten(1)
+        dist = likelihood(outputs).base_dist
+        log_prob = likelihood.log_prob(outputs, x.round() if likelihood.discrete else x)
+        assert torch.isfinite(log_prob).all(), name
+        if name == "laplace":
+            torch.testing.assert_close(dist.scale, torch.full_like(dist.scale, 50.0))
+        else:
+            assert (dist.log_scale == likelihood.max_log_scale).all()
+    for name, bad in (
+        ("gaussian", {"min_std": 1.0, "max_std": 0.5}),
+        ("gaussian", {"std": 2e4}),
+        ("laplace", {"min_scale": 0.0}),
+        ("discretized_logistic", {"min_log_scale": 1.0, "max_log_scale": 0.0}),
+    ):
+        with pytest.raises(ConfigError, match=r"scale|std"):
+            LIKELIHOODS.get(name)(**bad)

@@ -333,3 +333,17 @@ def test_the_standard_normal_prior_follows_the_model_to_another_dtype() -> None:
     assert model.prior().sample((2,)).dtype == torch.float64
     x = torch.rand(5, 4, dtype=torch.float64).round()
     assert model.elbo(x).dtype == torch.float64
+
+
+def test_encoder_scales_are_capped_and_the_range_is_checked() -> None:
+    model = VAE(input_shape=(4,), latent_dim=3, posterior_scale_range=(1e-4, 10.0))
+    with torch.no_grad():
+        last = model.encoder.layers[-1]
+        last.weight.zero_()
+        last.bias.fill_(1e30)  # a diverged encoder: loc and raw scale at 1e30
+    posterior = model.encode(torch.rand(5, 4))
+    torch.testing.assert_close(posterior.stddev, torch.full((5, 3), 10.0))
+    last.bias.data[3:] = -1e30
+    assert (model.encode(torch.rand(5, 4)).stddev == 1e-4).all()
+    with pytest.raises(ConfigError, match=r"floor 1\.0, cap 0\.5"):
+        VAE(input_shape=(4,), posterior_scale_range=(1.0, 0.5))

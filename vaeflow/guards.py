@@ -112,9 +112,9 @@ class DivergenceGuard(Callback):
             f"{what}, and training stopped. Likely causes: a learning rate too large"
             f"{f' (the optimiser has lr={lr:g}; try 3-10 times smaller)' if lr else ''}, a "
             "variance floor too low for the data (a learned Gaussian likelihood's min_std), or "
-            "an encoder scale range that lets scales overflow; clipping gradients "
-            "(model.init_args.gradient_clip_val) also helps. No diverged checkpoint was written"
-            + (f"; the last good one is {kept}" if kept else "")
+            "an encoder scale range too wide (model.init_args.posterior_scale_range); clipping "
+            "gradients (model.init_args.gradient_clip_val) also helps. No diverged checkpoint "
+            "was written" + (f"; the last good one is {kept}" if kept else "")
         )
 
 

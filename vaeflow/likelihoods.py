@@ -122,6 +122,22 @@ class Likelihood(nn.Module):
     support_hint: str = "Choose a likelihood whose support contains the data."
 
 
+def bounded_scale(raw: Tensor, low: float, high: float) -> Tensor:
+    """A positive scale from an unconstrained ``raw``: ``low + softplus(raw)``, capped at
+    ``high``. The floor keeps densities finite on constant data, the cap keeps a scale from
+    overflowing when training diverges (healthy training never reaches it, so below it the
+    numbers are those of the plain softplus)."""
+    return (F.softplus(raw) + low).clamp(max=high)
+
+
+def check_scale_range(name: str, low: float, high: float) -> None:
+    """Refuse a scale range that is empty or not positive."""
+    if not 0 < low < high < math.inf:
+        raise ConfigError(
+            f"{name}: the scale range needs 0 < floor < cap < inf; got floor {low}, cap {high}"
+        )
+
+
 @register_likelihood("bernoulli")
 class BernoulliLikelihood(Likelihood):
     """Bernoulli per element (logits from the decoder); data in [0, 1], grey levels allowed.
@@ -152,6 +168,8 @@ class GaussianLikelihood(Likelihood):
         std: the fixed standard deviation, or the initial one when learned.
         min_std: floor of a learned standard deviation, so that it cannot collapse onto
             constant pixels (dequantise such data for a meaningful density).
+        max_std: cap of a learned standard deviation, so that a diverging run cannot overflow
+            it; raise it for data whose noise is larger in their own units.
     """
 
     def __init__(
@@ -159,15 +177,21 @@ class GaussianLikelihood(Likelihood):
         variance: Literal["fixed", "shared", "per_dimension"] = "shared",
         std: float = 1.0,
         min_std: float = 1e-3,
+        max_std: float = 1e4,
     ) -> None:
         super().__init__()
-        if std <= min_std and variance != "fixed":
-            raise ConfigError(f"gaussian likelihood: std ({std}) must exceed min_std ({min_std})")
+        check_scale_range("gaussian likelihood", min_std, max_std)
+        if not min_std < std < max_std and variance != "fixed":
+            raise ConfigError(
+                f"gaussian likelihood: the initial std ({std}) must lie between min_std "
+                f"({min_std}) and max_std ({max_std})"
+            )
         if std <= 0:
             raise ConfigError(f"gaussian likelihood: std must be positive, got {std}")
         self.variance = variance
         self.std = std
         self.min_std = min_std
+        self.max_std = max_std
 
     def bind(self, event_shape: tuple[int, ...]) -> None:
         super().bind(event_shape)
@@ -183,7 +207,7 @@ class GaussianLikelihood(Likelihood):
         """The standard deviation (a scalar or one per element)."""
         if self.variance == "fixed":
             return self.raw_std
-        return self.min_std + F.softplus(self.raw_std)
+        return bounded_scale(self.raw_std, self.min_std, self.max_std)
 
     def distribution(self, params: Tensor) -> Distribution:
         loc = params[..., 0]
@@ -204,19 +228,21 @@ class LaplaceLikelihood(Likelihood):
 
     Args:
         min_scale: floor of the scale, so that it cannot collapse onto constant pixels.
+        max_scale: cap of the scale, so that a diverging run cannot overflow it.
     """
 
     num_params = 2
 
-    def __init__(self, min_scale: float = 1e-3) -> None:
+    def __init__(self, min_scale: float = 1e-3, max_scale: float = 1e4) -> None:
         super().__init__()
-        if min_scale <= 0:
-            raise ConfigError(f"laplace likelihood: min_scale must be positive, got {min_scale}")
+        check_scale_range("laplace likelihood", min_scale, max_scale)
         self.min_scale = min_scale
+        self.max_scale = max_scale
 
     def distribution(self, params: Tensor) -> Distribution:
         loc, raw_scale = params.unbind(-1)
-        return Laplace(loc, self.min_scale + F.softplus(raw_scale), validate_args=False)
+        scale = bounded_scale(raw_scale, self.min_scale, self.max_scale)
+        return Laplace(loc, scale, validate_args=False)
 
 
 def continuous_bernoulli_log_norm(logits: Tensor) -> Tensor:
@@ -398,20 +424,30 @@ class DiscretizedLogisticLikelihood(Likelihood):
     Args:
         components: logistics per pixel (1: the discretised logistic of Kingma et al., 2016).
         min_log_scale: floor of the log scales (PixelCNN++ uses -7).
+        max_log_scale: cap of the log scales (the data span [-1, 1]; e^5 is far wider), so
+            that a diverging run cannot overflow them.
     """
 
     support = PixelGrid(PIXEL_LEVELS)
     support_hint = PIXEL_HINT
     discrete = True
 
-    def __init__(self, components: int = 1, min_log_scale: float = -7.0) -> None:
+    def __init__(
+        self, components: int = 1, min_log_scale: float = -7.0, max_log_scale: float = 5.0
+    ) -> None:
         super().__init__()
+        if not min_log_scale < max_log_scale:
+            raise ConfigError(
+                "discretized_logistic likelihood: min_log_scale must be below max_log_scale; "
+                f"got {min_log_scale} and {max_log_scale}"
+            )
         if components < 1:
             raise ConfigError(
                 f"discretized_logistic likelihood: components must be positive, got {components}"
             )
         self.components = components
         self.min_log_scale = min_log_scale
+        self.max_log_scale = max_log_scale
         self.num_params = 3 * components if components > 1 else 2
 
     def distribution(self, params: Tensor) -> Distribution:
@@ -421,4 +457,6 @@ class DiscretizedLogisticLikelihood(Likelihood):
             logits = torch.zeros_like(loc)
         else:
             logits, loc, log_scale = params.unflatten(-1, (3, k)).unbind(-2)
-        return DiscretizedLogisticMixture(logits, loc, log_scale.clamp(min=self.min_log_scale))
+        return DiscretizedLogisticMixture(
+            logits, loc, log_scale.clamp(self.min_log_scale, self.max_log_scale)
+        )

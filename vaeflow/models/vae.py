@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
@@ -24,7 +23,7 @@ from typing_extensions import override
 from vaeflow.callbacks import prediction_callbacks
 from vaeflow.errors import ConfigError
 from vaeflow.hparams import save_plain_hyperparameters
-from vaeflow.likelihoods import Likelihood
+from vaeflow.likelihoods import Likelihood, bounded_scale, check_scale_range
 from vaeflow.metrics import EpochMeans, bits_per_dim
 from vaeflow.nets import MLP, NetFactory
 from vaeflow.priors import (
@@ -141,6 +140,9 @@ class VAE(SteppedModule):
             Keras's ``steps_per_execution``: Lightning's per-call cost (loop, hooks, callbacks)
             is 10-20% of a small model's step on the CPU. Same steps and results as 1; see
             :class:`~vaeflow.steps_per_call.SteppedModule` for what changes.
+        posterior_scale_range: (floor, cap) of the encoder's standard deviations, softplus
+            of its outputs plus the floor, capped: the prior's scale is 1, so healthy training
+            stays far below the cap, which keeps a diverging run from overflowing.
         data_log_scale: log of the factor the data module divided each value by (its
             ``log_scale``, linked by the CLI): bits per dimension are of the data on their
             original grid (:func:`vaeflow.metrics.bits_per_dim`).
@@ -167,6 +169,7 @@ class VAE(SteppedModule):
         training: Literal["joint", "alternating"] = "joint",
         gradient_clip_val: float | None = None,
         steps_per_call: int = 1,
+        posterior_scale_range: tuple[float, float] = (1e-6, 1e3),
         data_log_scale: float = 0.0,
     ) -> None:
         super().__init__(steps_per_call)
@@ -181,6 +184,8 @@ class VAE(SteppedModule):
                 "latent_dim and num_samples must be positive and eval_samples non-negative; got "
                 f"latent_dim={latent_dim}, num_samples={num_samples}, eval_samples={eval_samples}"
             )
+        check_scale_range("posterior_scale_range", *posterior_scale_range)
+        self.posterior_scale_range = tuple(posterior_scale_range)
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
         self.likelihood = LIKELIHOODS.build(likelihood)
@@ -215,7 +220,7 @@ class VAE(SteppedModule):
     def encode(self, x: Tensor) -> Distribution:
         """q(z | x): a diagonal Gaussian with event shape ``(latent_dim,)``."""
         loc, raw_scale = at_least_float32(self.encoder(x)).chunk(2, dim=-1)
-        return DiagonalNormal(loc, F.softplus(raw_scale) + 1e-6)
+        return DiagonalNormal(loc, bounded_scale(raw_scale, *self.posterior_scale_range))
 
     def decode(self, z: Tensor) -> Distribution:
         """p(x | z), batched over the leading dimensions of ``z`` (samples, examples)."""
