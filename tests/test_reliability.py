@@ -28,6 +28,7 @@ from vaeflow.runs import claim
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 PPCA = str(REPO / "configs" / "ppca_digits.yaml")
+FA_SYNTHETIC = str(REPO / "configs" / "fa_synthetic.yaml")
 #: A short quickstart: few batches, no importance sampling, no progress bar.
 SHORT = (
     "--trainer.limit_train_batches",
@@ -343,8 +344,8 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, mon
 # -- interrupted runs ---------------------------------------------------------------------------
 
 
-def start_fit(folder: Path, *args: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "vaeflow", "fit", "--config", QUICKSTART, *args]
+def start_fit(folder: Path, *args: str, config: str = QUICKSTART) -> subprocess.Popen:
+    command = [sys.executable, "-m", "vaeflow", "fit", "--config", config, *args]
     return subprocess.Popen(command, cwd=folder, stderr=subprocess.PIPE, text=True)
 
 
@@ -397,6 +398,42 @@ def test_a_killed_run_resumes_with_the_same_batches_and_noise(tmp_path) -> None:
     rows = metrics_rows(tmp_path / "runs" / "quickstart" / "version_1")
     later = [row for row in expected if int(row["epoch"]) > resumed_from]
     assert rows == later
+
+
+@pytest.mark.slow  # three fits in subprocesses: about a minute on two CPU cores
+def test_a_killed_factor_analysis_resumes_and_ends_at_the_uninterrupted_fit(tmp_path) -> None:
+    """Streaming EM (one pass an iteration) killed with SIGKILL once a checkpoint exists,
+    resumed with ``--ckpt_path last``: it continues from its iteration and parameters and ends
+    with the uninterrupted fit's, to round-off."""
+    args = ("--model.init_args.method", "streaming", "--model.init_args.tol", "0")
+    args += ("--model.init_args.max_iter", "40", "--trainer.enable_progress_bar", "false")
+    runs = Path("runs") / "vaeflow"  # the default logger's folder
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert start_fit(reference, *args, config=FA_SYNTHETIC).wait(timeout=600) == 0
+    expected = read_checkpoint(reference / runs / "version_0" / "checkpoints" / "last.ckpt")
+
+    process = start_fit(tmp_path, *args, config=FA_SYNTHETIC)
+    last = tmp_path / runs / "version_0" / "checkpoints" / "last.ckpt"
+    wait_for(last, process)
+    while int(read_checkpoint(last)["state_dict"]["n_iter"]) < 3:  # written atomically
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    interrupted = read_checkpoint(last)
+    assert 0 < int(interrupted["state_dict"]["n_iter"]) < 40
+    resumed = start_fit(tmp_path, *args, "--ckpt_path", "last", config=FA_SYNTHETIC)
+    assert resumed.wait(timeout=600) == 0
+    final = read_checkpoint(tmp_path / runs / "version_1" / "checkpoints" / "last.ckpt")
+    assert int(final["state_dict"]["n_iter"]) == int(expected["state_dict"]["n_iter"]) == 40
+    steps = [int(row["step"]) for row in metrics_rows(tmp_path / runs / "version_1")]
+    assert min(steps) >= int(interrupted["state_dict"]["n_iter"])  # continued, not refitted
+    for name in ("loadings", "noise_variance", "mean"):
+        torch.testing.assert_close(
+            final["state_dict"][name], expected["state_dict"][name], rtol=1e-9, atol=1e-12
+        )
 
 
 def test_a_refused_run_leaves_no_empty_run_folder(capsys, tmp_path, monkeypatch) -> None:
