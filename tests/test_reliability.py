@@ -29,17 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 PPCA = str(REPO / "configs" / "ppca_digits.yaml")
 FA_SYNTHETIC = str(REPO / "configs" / "fa_synthetic.yaml")
-#: A short quickstart: few batches, no importance sampling, no progress bar.
-SHORT = (
-    "--trainer.limit_train_batches",
-    "5",
-    "--trainer.limit_val_batches",
-    "2",
-    "--model.init_args.eval_samples",
-    "0",
-    "--trainer.enable_progress_bar",
-    "false",
-)
+#: No importance sampling, no progress bar.
+QUIET = ("--model.init_args.eval_samples", "0", "--trainer.enable_progress_bar", "false")
+#: A short quickstart: few batches, quiet.
+SHORT = ("--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "2", *QUIET)
 
 
 def run_main(*args: str) -> None:
@@ -282,12 +275,9 @@ def test_diverging_training_stops_and_keeps_only_good_checkpoints(
         optimizer,
         "--model.init_args.optimizer.init_args.lr",
         lr,
-        "--model.init_args.eval_samples",
-        "0",
         "--trainer.max_epochs",
         "30",
-        "--trainer.enable_progress_bar",
-        "false",
+        *QUIET,
     )
     assert "training diverged at epoch" in err and cause in err
     assert f"lr={float(lr):g}" in err and "min_std" in err and "encoder scale" in err
@@ -304,20 +294,9 @@ def test_divergence_is_caught_mid_epoch_with_several_steps_per_call(
 ) -> None:
     """The guard counts steps, not the batch index its hook sees (every 5th batch here)."""
     monkeypatch.chdir(tmp_path)
-    err = user_error(
-        capsys,
-        "fit",
-        "--config",
-        QUICKSTART,
-        "--model.init_args.optimizer.init_args.lr",
-        "1e6",
-        "--model.init_args.steps_per_call",
-        "5",
-        "--model.init_args.eval_samples",
-        "0",
-        "--trainer.enable_progress_bar",
-        "false",
-    )
+    lr = ("--model.init_args.optimizer.init_args.lr", "1e6")
+    steps = ("--model.init_args.steps_per_call", "5")
+    err = user_error(capsys, "fit", "--config", QUICKSTART, *lr, *steps, *QUIET)
     assert "training diverged at epoch 0, step 5:" in err and "-fold" in err
 
 
