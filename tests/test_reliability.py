@@ -230,6 +230,18 @@ def test_an_existing_version_is_refused_before_any_file_changes(
     assert file_digests(run) == before
 
 
+def test_a_runs_own_config_evaluates_it_in_a_folder_of_its_own(tmp_path, monkeypatch, trained):
+    """The saved config.yaml names no version (the claimed one would refuse every reuse)."""
+    monkeypatch.chdir(tmp_path)
+    run = trained.parents[1]
+    before = file_digests(run)
+    config = run / "config.yaml"
+    assert "version: null" in config.read_text()
+    run_main("test", "--config", str(config), "--ckpt_path", str(trained), *QUIET)
+    assert (tmp_path / "runs" / "quickstart" / "version_0" / "metrics.csv").exists()
+    assert file_digests(run) == before
+
+
 def claim_next(root: str, start: multiprocessing.synchronize.Event, out) -> None:
     start.wait()
     out.put(claim(Path(root), None))

@@ -30,7 +30,12 @@ from vaeflow.checkpointing import LAST, model_config, read_checkpoint
 from vaeflow.errors import CheckpointError, ConfigError
 from vaeflow.guards import interrupting_signal
 from vaeflow.registry import LIKELIHOODS, PRIORS, load_plugins
-from vaeflow.runs import claim_run_folders, empty_run_folders_removed_on_error, resolve_last
+from vaeflow.runs import (
+    claim_run_folders,
+    empty_run_folders_removed_on_error,
+    resolve_last,
+    restore_given_versions,
+)
 from vaeflow.steps_per_call import fitting
 from vaeflow.user_errors import check_config_files, explain
 from vaeflow.utils import as_list
@@ -123,6 +128,7 @@ class VaeflowCLI(LightningCLI):
         config (:func:`~vaeflow.checkpointing.model_config`), before Lightning reads it."""
         super().parse_arguments(parser, args)
         self._checkpoint_model = self._checkpoint_input_shape = None
+        self._given_versions: list[tuple[Namespace, int | str | None]] = []
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return
@@ -173,12 +179,14 @@ class VaeflowCLI(LightningCLI):
         if self._checkpoint_model is not None:
             config.model = self._checkpoint_model
         if self.subcommand is not None and not trainer.fast_dev_run:
-            claim_run_folders(trainer)
+            self._given_versions = claim_run_folders(trainer)
 
     @override
     def after_instantiate_classes(self) -> None:
-        """Refuse a checkpoint of data of another shape than the data module's."""
+        """Refuse a checkpoint of data of another shape than the data module's; take the
+        claimed run versions out of the config that the run saves."""
         super().after_instantiate_classes()
+        restore_given_versions(self._given_versions)
         expected = self._checkpoint_input_shape
         shape = getattr(self.model, "hparams", {}).get("input_shape")
         if None not in (expected, shape) and tuple(expected) != tuple(shape):

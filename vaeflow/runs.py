@@ -51,21 +51,35 @@ def run_root(logger: Namespace) -> Path:
     return Path(logger.init_args.save_dir) / (logger.init_args.get("name") or "")
 
 
-def claim_run_folders(trainer: Namespace) -> None:
+def claim_run_folders(trainer: Namespace) -> list[tuple[Namespace, int | str | None]]:
     """Give each versioned logger of the trainer config a version folder no other run has.
+
+    Returns:
+        each logger's config with the version the user gave (None: the next free one), for
+        :func:`restore_given_versions` once the loggers exist.
 
     Raises:
         ConfigError: a version the config names holds an earlier run.
     """
     loggers = versioned_loggers(trainer)
+    given = [(logger, logger.init_args.get("version")) for logger in loggers]
     if rank_zero_only.rank != 0:  # a process Lightning launched: the first one has claimed
         versions = json.loads(os.environ.get(VERSIONS_VARIABLE, "[]"))
         for logger, version in zip(loggers, versions, strict=False):
             logger.init_args.version = version
-        return
+        return given
     for logger in loggers:
         logger.init_args.version = claim(run_root(logger), logger.init_args.get("version"))
     os.environ[VERSIONS_VARIABLE] = json.dumps([logger.init_args.version for logger in loggers])
+    return given
+
+
+def restore_given_versions(given: list[tuple[Namespace, int | str | None]]) -> None:
+    """Put the versions the user gave back into the logger configs, once the loggers hold the
+    claimed ones: the run's ``config.yaml`` then names no version, so ``vaeflow test`` or
+    ``fit`` on it gets a folder of its own instead of being refused as this run's."""
+    for logger, version in given:
+        logger.init_args.version = version
 
 
 def claim(root: Path, version: int | str | None) -> int | str:
