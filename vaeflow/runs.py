@@ -90,8 +90,7 @@ def claim(root: Path, version: int | str | None) -> int | str:
     if version is not None:
         folder = root / (version if isinstance(version, str) else f"version_{version}")
         try:
-            folder.mkdir()
-            CREATED.append(folder)
+            create(folder)
         except FileExistsError:
             if any(folder.iterdir()):
                 last = folder.resolve() / "checkpoints" / f"{LAST}.ckpt"
@@ -110,11 +109,16 @@ def claim(root: Path, version: int | str | None) -> int | str:
     number = max(numbers, default=-1) + 1
     while True:
         try:
-            (root / f"version_{number}").mkdir()
-            CREATED.append(root / f"version_{number}")
+            create(root / f"version_{number}")
             return number
         except FileExistsError:  # another run took it in the meantime
             number += 1
+
+
+def create(folder: Path) -> None:
+    """``mkdir`` (atomic: raises FileExistsError if another run has it), recorded in CREATED."""
+    folder.mkdir()
+    CREATED.append(folder)
 
 
 @contextmanager
