@@ -6,11 +6,12 @@ import functools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import special, stats
 from torch.distributions import constraints
 
 from vaeflow.errors import ConfigError, DataError
-from vaeflow.likelihoods import GaussianLikelihood
+from vaeflow.likelihoods import GaussianLikelihood, bernoulli_log_prob
 from vaeflow.priors import DiagonalNormal, PriorContext, StandardNormal, kl_or_estimate
 from vaeflow.registry import LIKELIHOODS, PRIORS
 
@@ -155,7 +156,7 @@ def test_likelihood_log_prob_matches_scipy_in_float64(name: str, kwargs: dict) -
 )
 def test_log_prob_from_outputs_equals_the_distributions(name: str, kwargs: dict) -> None:
     """The closed form a family may use in training steps is its distribution's log density,
-    for outputs with and without a leading sample dimension."""
+    with the same gradient, for outputs with and without a leading sample dimension."""
     torch.manual_seed(4)
     likelihood = bound_likelihood(name, **kwargs).double()
     for param in likelihood.parameters():
@@ -163,11 +164,37 @@ def test_log_prob_from_outputs_equals_the_distributions(name: str, kwargs: dict)
     x = likelihood(torch.randn(BATCH, likelihood.num_outputs, dtype=torch.float64)).sample()
     for shape in ((BATCH,), (3, BATCH)):
         outputs = torch.randn(*shape, likelihood.num_outputs, dtype=torch.float64)
+        outputs.requires_grad_()
         log_prob = likelihood.log_prob(outputs, x)
+        reference = likelihood(outputs).log_prob(x)
         assert log_prob.shape == shape
-        torch.testing.assert_close(
-            log_prob, likelihood(outputs).log_prob(x), rtol=1e-12, atol=1e-10
-        )
+        torch.testing.assert_close(log_prob, reference, rtol=1e-12, atol=1e-10)
+        weights = torch.rand(shape, dtype=torch.float64)  # any upstream gradient
+        (gradient,) = torch.autograd.grad((weights * log_prob).sum(), outputs)
+        (expected,) = torch.autograd.grad((weights * reference).sum(), outputs)
+        torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_bernoulli_log_prob_is_the_binary_cross_entropy_in_float32() -> None:
+    """The fused Bernoulli log-probability (log(1 + e^-|l|) rather than log1p) agrees with
+    torch's binary cross-entropy on grey levels and extreme logits in float32, and its
+    written-out gradient passes gradcheck in float64, for the logits and for the data."""
+    torch.manual_seed(5)
+    logits = torch.cat([torch.randn(20, 6, 784) * 4, torch.full((20, 6, 1), 40.0)], dim=-1)
+    logits[0, 0, :10] = torch.tensor([-100.0, -30, -17, -16, -1e-6, 0, 1e-6, 16, 17, 30])
+    x = torch.rand(6, 785)
+    x[:, ::3] = x[:, ::3].round()
+    expected = -F.binary_cross_entropy_with_logits(
+        logits.double(), x.double().expand(20, 6, 785), reduction="none"
+    ).sum(-1)
+    got = bernoulli_log_prob(logits, x)
+    assert got.shape == (20, 6) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-3)
+    small = torch.randn(3, 4, 7, dtype=torch.float64) * 5
+    grey = torch.rand(4, 7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        bernoulli_log_prob, (small.requires_grad_(), grey.requires_grad_())
+    )
 
 
 def test_gaussian_learned_variance_is_trainable_and_floored() -> None:

@@ -68,7 +68,7 @@ def test_the_likelihood_estimate_is_the_same_whatever_the_chunking() -> None:
 
 
 def test_the_default_chunk_bounds_the_decoder_outputs(monkeypatch) -> None:
-    """K = 5000 importance samples pass the decoder in chunks of at most 2^24 outputs."""
+    """K = 5000 importance samples pass the decoder in chunks of at most the bound's outputs."""
     from vaeflow.models import vae
 
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def test_the_default_chunk_bounds_the_decoder_outputs(monkeypatch) -> None:
         return decoder_outputs(z)
 
     monkeypatch.setattr(model, "decoder_outputs", recording)
-    monkeypatch.setattr(vae, "EVAL_CHUNK_NUMBERS", 16 * 100 * 64)
+    monkeypatch.setattr(vae, "CPU_EVAL_CHUNK_NUMBERS", 16 * 100 * 64)
     model.log_likelihood(digits_like(100), 5000)
     assert max(sizes) * 16 <= 16 * 100 * 64 and sum(sizes) == 5000 * 100
 
