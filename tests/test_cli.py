@@ -65,10 +65,12 @@ def test_quickstart_leaves_a_run_folder_with_config_checkpoint_and_metrics(
     assert (run / "metrics.csv").read_bytes() == first
 
 
-def test_list_prints_every_likelihood_and_prior_with_a_description(capsys) -> None:
+def test_list_prints_every_likelihood_prior_and_net_with_a_description(capsys) -> None:
     run_cli("list")
     out = capsys.readouterr().out
     for text in ("bernoulli", "gaussian", "standard_normal", "learned_gaussian", "Standard normal"):
+        assert text in out
+    for text in ("nets (vaeflow.nets)", "mlp", "conv_encoder", "conv_decoder"):
         assert text in out
 
 
@@ -108,7 +110,7 @@ def array_config(path: Path, likelihood: str = "bernoulli", scale: bool = True) 
     ]
 
 
-def test_unknown_likelihood_and_prior_names_list_what_exists(capsys) -> None:
+def test_unknown_likelihood_prior_and_net_names_list_what_exists(capsys) -> None:
     err = expect_user_error(
         capsys, "fit", "--config", QUICKSTART, "--model.init_args.likelihood", "bernouli"
     )
@@ -117,6 +119,11 @@ def test_unknown_likelihood_and_prior_names_list_what_exists(capsys) -> None:
         capsys, "fit", "--config", QUICKSTART, "--model.init_args.prior", "normal"
     )
     assert "unknown prior 'normal'" in err and "standard_normal" in err
+    err = expect_user_error(
+        capsys, "fit", "--config", QUICKSTART, "--model.init_args.encoder", "conv"
+    )
+    assert "unknown net 'conv'" in err
+    assert "Available: conv_decoder, conv_encoder, mlp" in err
 
 
 def test_a_config_key_that_does_not_exist_is_named(capsys) -> None:

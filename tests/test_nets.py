@@ -80,3 +80,27 @@ def test_the_cifar10_config_runs_a_step_with_bits_per_dim(tmp_path, monkeypatch)
     values = dict(zip(header.split(","), rows[-1].split(","), strict=True))
     elbo, bits = float(values["train/elbo"]), float(values["train/elbo_bits_per_dim"])
     assert bits == pytest.approx(-elbo / (3 * 32 * 32 * math.log(2)), rel=1e-4)
+
+
+def test_nets_by_registered_name_from_the_cli(tmp_path, monkeypatch) -> None:
+    """``encoder: conv_encoder`` works in YAML as ``likelihood: bernoulli`` does: the run's
+    config keeps the names and its checkpoint reloads the convolutional nets."""
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "quickstart.yaml"),
+            "--model.init_args.encoder=conv_encoder",
+            "--model.init_args.decoder=conv_decoder",
+            "--data.init_args.flatten=false",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    (run,) = (tmp_path / "runs").glob("*/version_*")
+    config = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
+    assert (config["encoder"], config["decoder"]) == ("conv_encoder", "conv_decoder")
+    model = VAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert isinstance(model.encoder, ConvEncoder) and isinstance(model.decoder, ConvDecoder)

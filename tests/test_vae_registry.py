@@ -1,14 +1,15 @@
-"""Every registered likelihood with every registered prior: a VAE trains a step, checkpoints
-and reloads alone (generated from the registries, so a new family is tested the day it is
-registered)."""
+"""Every registered likelihood with every registered prior, and every registered net as encoder
+and decoder: a VAE trains a step, checkpoints and reloads alone (generated from the registries,
+so a new family or net is tested the day it is registered)."""
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from vaeflow.errors import ConfigError
 from vaeflow.models import VAE
-from vaeflow.registry import LIKELIHOODS, PRIORS
+from vaeflow.registry import LIKELIHOODS, NETS, PRIORS
 
 INPUT_SHAPE = (12,)
 #: constructor arguments that keep a registered family small in a test
@@ -19,7 +20,7 @@ def data_for(model: VAE) -> torch.Tensor:
     """Data in the likelihood's support: draws from it at random decoder outputs."""
     generator = torch.Generator().manual_seed(0)
     outputs = torch.randn(32, model.likelihood.num_outputs, generator=generator)
-    return model.likelihood(outputs).sample().float()
+    return model.likelihood(outputs).sample().float().reshape(32, *model.input_shape)
 
 
 @pytest.mark.parametrize("prior", PRIORS.names())
@@ -34,6 +35,36 @@ def test_every_likelihood_with_every_prior_trains_checkpoints_and_reloads(
         likelihood=LIKELIHOODS.build(likelihood, **SMALL.get(likelihood, {})),
         prior=PRIORS.build(prior, **SMALL.get(prior, {})),
     )
+    assert_trains_checkpoints_and_reloads(model, silent_trainer, tmp_path)
+    assert type(VAE.load_from_checkpoint(tmp_path / "model.ckpt").prior) is type(model.prior)
+
+
+#: images small enough for a quick step, with sides a convolutional net can halve twice
+IMAGE = (1, 8, 8)
+
+
+@pytest.mark.parametrize("name", NETS.names())
+def test_every_net_serves_as_encoder_or_decoder_trains_checkpoints_and_reloads(
+    silent_trainer, tmp_path, name: str
+) -> None:
+    """In each role a net either refuses at construction with a ConfigError (a convolutional
+    encoder cannot decode a latent code into an image) or trains, checkpoints and reloads;
+    every net serves at least one role."""
+    served = []
+    for role in ("encoder", "decoder"):
+        pl.seed_everything(0)
+        try:
+            model = VAE(IMAGE, latent_dim=3, **{role: name})
+        except ConfigError:
+            continue
+        served.append(role)
+        assert_trains_checkpoints_and_reloads(model, silent_trainer, tmp_path)
+    assert served, f"net {name!r} serves neither as encoder nor as decoder"
+
+
+def assert_trains_checkpoints_and_reloads(model: VAE, silent_trainer, tmp_path) -> None:
+    """One training step changes the parameters; the checkpoint reloads alone to the same
+    parameters and the same ELBO under the same random draws."""
     before = {key: value.clone() for key, value in model.state_dict().items()}
     trainer = silent_trainer(max_steps=1)
     trainer.fit(model, DataLoader(data_for(model), batch_size=16))
@@ -43,7 +74,8 @@ def test_every_likelihood_with_every_prior_trains_checkpoints_and_reloads(
     trainer.save_checkpoint(path)
     reloaded = VAE.load_from_checkpoint(path)
     assert type(reloaded.likelihood) is type(model.likelihood)
-    assert type(reloaded.prior) is type(model.prior)
+    assert type(reloaded.encoder) is type(model.encoder)
+    assert type(reloaded.decoder) is type(model.decoder)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
     x = data_for(model)[:4]

@@ -29,7 +29,7 @@ from vaeflow.callbacks.tracking import config_filename, track_config
 from vaeflow.checkpointing import LAST, model_config, read_checkpoint
 from vaeflow.errors import CheckpointError, ConfigError
 from vaeflow.guards import interrupting_signal
-from vaeflow.registry import LIKELIHOODS, PRIORS, load_plugins
+from vaeflow.registry import REGISTRIES, load_plugins
 from vaeflow.runs import (
     claim_run_folders,
     empty_run_folders_removed_on_error,
@@ -216,12 +216,11 @@ def import_path(cls: type) -> str:
 
 
 def print_registries() -> None:
-    """``vaeflow list``: every registered likelihood and prior, built-in or from plugins, with
-    the installed package each comes from."""
-    registries = (LIKELIHOODS, PRIORS)
-    failed = {name: error for r in registries for name, error in r.load_plugins().items()}
+    """``vaeflow list``: every registered likelihood, prior and net, built-in or from plugins,
+    with the installed package each comes from."""
+    failed = load_plugins()
     console = Console()
-    for registry in registries:
+    for registry in REGISTRIES:
         table = Table(title=f"{registry.kind}s ({registry.group})", title_justify="left")
         for column in ("name", "class", "package", "description"):
             table.add_column(column)

@@ -4,7 +4,11 @@ The models receive *factories*: callables ``(input_shape, output_shape) -> nn.Mo
 module maps a batch ``(N, *input_shape)`` to ``(N, *output_shape)``, so that YAML sets the
 architecture (``class_path`` + ``init_args``) while the model supplies the shapes it derives from
 the data and the likelihood (a convolutional decoder needs the image shape, not a count). Any
-``nn.Module`` class with that signature works.
+``nn.Module`` class with that signature works; registered with ``@register_net("name")`` (or an
+entry point in the ``vaeflow.nets`` group) it also works by name (``encoder: conv_encoder``) and
+is tested automatically in both roles (``tests/test_nets.py``). A net that cannot serve a role
+(a convolutional encoder cannot map a latent code to an image) refuses it with a
+:class:`~vaeflow.errors.ConfigError` from its constructor.
 """
 
 from __future__ import annotations
@@ -16,9 +20,18 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from vaeflow.errors import ConfigError
+from vaeflow.registry import NETS, register_net
 
 #: builds a network from the shape of one input example and the shape of one output.
 NetFactory = Callable[[tuple[int, ...], tuple[int, ...]], nn.Module]
+
+
+def build_net(
+    spec: NetFactory | str, input_shape: tuple[int, ...], output_shape: tuple[int, ...]
+) -> nn.Module:
+    """The network of a factory or registered name for one input and one output shape."""
+    factory = NETS.get(spec) if isinstance(spec, str) else spec
+    return factory(input_shape, output_shape)
 
 
 def activation_class(name: str) -> type[nn.Module]:
@@ -32,6 +45,7 @@ def activation_class(name: str) -> type[nn.Module]:
     return cls
 
 
+@register_net("mlp")
 class MLP(nn.Module):
     """Fully connected network; flattens each input example, outputs ``output_shape``.
 
@@ -78,6 +92,7 @@ def image_shape(shape: tuple[int, ...], strides: int, role: str) -> tuple[int, i
     return shape[0], shape[1], shape[2]
 
 
+@register_net("conv_encoder")
 class ConvEncoder(nn.Module):
     """Convolutional encoder: stride-2 4x4 convolutions halve the image ``len(channels)`` times
     (28 -> 14 -> 7, 32 -> 16 -> 8), then a hidden linear layer and the output layer.
@@ -118,6 +133,7 @@ class ConvEncoder(nn.Module):
         return self.layers(images).reshape(*batch, *self.output_shape)
 
 
+@register_net("conv_decoder")
 class ConvDecoder(nn.Module):
     """Convolutional decoder, the mirror of :class:`ConvEncoder`: a hidden linear layer, a
     linear map to ``channels[0]`` feature maps at 1 / 2^len(channels) of the image size, then

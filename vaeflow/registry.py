@@ -1,8 +1,9 @@
-"""Name -> class registries for likelihood families and priors, extended by plugins.
+"""Name -> class registries for likelihood families, priors and networks, extended by plugins.
 
-A family is a class; a name in YAML (``likelihood: bernoulli``) is looked up here. Third-party
-packages add names through the entry-point groups ``vaeflow.likelihoods`` and ``vaeflow.priors``
-(``name = "package.module:Class"``), discovered the first time a registry is read.
+A family is a class; a name in YAML (``likelihood: bernoulli``, ``encoder: conv_encoder``) is
+looked up here. Third-party packages add names through the entry-point groups
+``vaeflow.likelihoods``, ``vaeflow.priors`` and ``vaeflow.nets`` (``name =
+"package.module:Class"``), discovered the first time a registry is read.
 
 The contract every registered class keeps: each constructor argument is stored as an attribute
 of the same name (``self.df = df``). Checkpoints hold a model's likelihood and prior as
@@ -146,8 +147,13 @@ class Registry(Generic[T]):
 
 LIKELIHOODS: Registry = Registry("likelihood", "vaeflow.likelihoods")
 PRIORS: Registry = Registry("prior", "vaeflow.priors")
+#: encoder and decoder networks: ``nn.Module`` classes built as ``cls(input_shape,
+#: output_shape, **init_args)`` (see :mod:`vaeflow.nets`).
+NETS: Registry = Registry("net", "vaeflow.nets")
+REGISTRIES = (LIKELIHOODS, PRIORS, NETS)
 register_likelihood = LIKELIHOODS.register
 register_prior = PRIORS.register
+register_net = NETS.register
 
 
 def init_parameters(cls: type) -> list[inspect.Parameter]:
@@ -183,4 +189,4 @@ def check_init_attributes(kind: str, name: str, cls: type) -> None:
 
 def load_plugins() -> dict[str, str]:
     """Load every plugin of every registry; return ``{name: error}`` for those that failed."""
-    return {**LIKELIHOODS.load_plugins(), **PRIORS.load_plugins()}
+    return {name: error for r in REGISTRIES for name, error in r.load_plugins().items()}

@@ -25,7 +25,7 @@ from vaeflow.errors import ConfigError
 from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood, bounded_scale, check_scale_range
 from vaeflow.metrics import EpochMeans, bits_per_dim
-from vaeflow.nets import MLP, NetFactory
+from vaeflow.nets import NetFactory, build_net
 from vaeflow.priors import (
     DiagonalNormal,
     Prior,
@@ -110,9 +110,11 @@ class VAE(SteppedModule):
         latent_dim: dimension of z.
         likelihood: a registered likelihood name (``bernoulli``, ``gaussian``, ...) or instance.
         prior: a registered prior name (``standard_normal``, ...) or instance.
-        encoder: factory ``(input_shape, (2 * latent_dim,)) -> nn.Module``; an MLP by default.
-        decoder: factory ``((latent_dim,), likelihood.output_shape) -> nn.Module``; an MLP by
-            default.
+        encoder: a registered net name (``mlp``, ``conv_encoder``, ...) or a factory
+            ``(input_shape, (2 * latent_dim,)) -> nn.Module`` (YAML: ``class_path`` +
+            ``init_args``).
+        decoder: a registered net name (``mlp``, ``conv_decoder``, ...) or a factory
+            ``((latent_dim,), likelihood.output_shape) -> nn.Module``.
         estimator: the training objective. ``analytic_kl``: analytic KL (where registered for
             the posterior and prior) + Monte-Carlo reconstruction term; ``monte_carlo``: the mean
             over samples of log p(x, z) - log q(z|x); ``importance_weighted``: the IWAE bound
@@ -163,8 +165,8 @@ class VAE(SteppedModule):
         latent_dim: int = 16,
         likelihood: Likelihood | str = "bernoulli",
         prior: Prior | str = "standard_normal",
-        encoder: NetFactory | None = None,
-        decoder: NetFactory | None = None,
+        encoder: str | NetFactory = "mlp",
+        decoder: str | NetFactory = "mlp",
         estimator: Estimator = "analytic_kl",
         num_samples: int = 1,
         beta: float = 1.0,
@@ -199,8 +201,8 @@ class VAE(SteppedModule):
         self.latent_dim = latent_dim
         self.likelihood = LIKELIHOODS.build(likelihood)
         self.likelihood.bind(self.input_shape)
-        self.encoder = (encoder or MLP)(self.input_shape, (2 * latent_dim,))
-        self.decoder = (decoder or MLP)((latent_dim,), self.likelihood.output_shape)
+        self.encoder = build_net(encoder, self.input_shape, (2 * latent_dim,))
+        self.decoder = build_net(decoder, (latent_dim,), self.likelihood.output_shape)
         self.prior = PRIORS.build(prior)
         self.prior.bind(PriorContext(latent_dim, self.input_shape, self.encode))
         check_objective(estimator, beta, kl_warmup_steps, free_bits, dreg)
