@@ -60,7 +60,7 @@ def test_vaeflow_list_names_the_package_of_every_entry(
     likelihoods = Registry("likelihood", "vaeflow.likelihoods")
     for name in LIKELIHOODS.names():  # the built-ins, registered by vaeflow's own modules
         likelihoods.add(name, LIKELIHOODS.get(name))
-    monkeypatch.setattr(cli, "LIKELIHOODS", likelihoods)
+    monkeypatch.setattr(cli, "REGISTRIES", (likelihoods, *cli.REGISTRIES[1:]))
     monkeypatch.setenv("COLUMNS", "250")
     with pytest.warns(UserWarning, match="'forgetful'.*self.df = df"):
         cli.print_registries()

@@ -218,7 +218,7 @@ def import_path(cls: type) -> str:
 def print_registries() -> None:
     """``vaeflow list``: every registered likelihood, prior and net, built-in or from plugins,
     with the installed package each comes from."""
-    failed = load_plugins()
+    failed = load_plugins(REGISTRIES)
     console = Console()
     for registry in REGISTRIES:
         table = Table(title=f"{registry.kind}s ({registry.group})", title_justify="left")

@@ -187,6 +187,6 @@ def check_init_attributes(kind: str, name: str, cls: type) -> None:
         )
 
 
-def load_plugins() -> dict[str, str]:
-    """Load every plugin of every registry; return ``{name: error}`` for those that failed."""
-    return {name: error for r in REGISTRIES for name, error in r.load_plugins().items()}
+def load_plugins(registries: tuple[Registry, ...] = REGISTRIES) -> dict[str, str]:
+    """Load every plugin of ``registries``; return ``{name: error}`` for those that failed."""
+    return {name: error for r in registries for name, error in r.load_plugins().items()}
