@@ -11,7 +11,11 @@ from scipy import special, stats
 from torch.distributions import constraints
 
 from vaeflow.errors import ConfigError, DataError
-from vaeflow.likelihoods import GaussianLikelihood, bernoulli_log_prob
+from vaeflow.likelihoods import (
+    GaussianLikelihood,
+    bernoulli_log_prob,
+    fused_bernoulli_log_prob,
+)
 from vaeflow.priors import DiagonalNormal, PriorContext, StandardNormal, kl_or_estimate
 from vaeflow.registry import LIKELIHOODS, PRIORS
 
@@ -175,10 +179,12 @@ def test_log_prob_from_outputs_equals_the_distributions(name: str, kwargs: dict)
         torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_bernoulli_log_prob_is_the_binary_cross_entropy_in_float32() -> None:
-    """The fused Bernoulli log-probability (log(1 + e^-|l|) rather than log1p) agrees with
-    torch's binary cross-entropy on grey levels and extreme logits in float32, and its
-    written-out gradient passes gradcheck in float64, for the logits and for the data."""
+@pytest.mark.parametrize("log_prob", [bernoulli_log_prob, fused_bernoulli_log_prob])
+def test_bernoulli_log_prob_is_the_binary_cross_entropy_in_float32(log_prob) -> None:
+    """The CPU's Bernoulli log-probability (log(1 + e^-|l|) rather than log1p) and the fused
+    one other devices take agree with torch's binary cross-entropy in float64 on grey levels
+    and extreme logits in float32; the CPU's written-out gradient passes gradcheck in float64,
+    for the logits and for the data."""
     torch.manual_seed(5)
     logits = torch.cat([torch.randn(20, 6, 784) * 4, torch.full((20, 6, 1), 40.0)], dim=-1)
     logits[0, 0, :10] = torch.tensor([-100.0, -30, -17, -16, -1e-6, 0, 1e-6, 16, 17, 30])
@@ -187,14 +193,12 @@ def test_bernoulli_log_prob_is_the_binary_cross_entropy_in_float32() -> None:
     expected = -F.binary_cross_entropy_with_logits(
         logits.double(), x.double().expand(20, 6, 785), reduction="none"
     ).sum(-1)
-    got = bernoulli_log_prob(logits, x)
+    got = log_prob(logits, x)
     assert got.shape == (20, 6) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-3)
     small = torch.randn(3, 4, 7, dtype=torch.float64) * 5
     grey = torch.rand(4, 7, dtype=torch.float64)
-    assert torch.autograd.gradcheck(
-        bernoulli_log_prob, (small.requires_grad_(), grey.requires_grad_())
-    )
+    assert torch.autograd.gradcheck(log_prob, (small.requires_grad_(), grey.requires_grad_()))
 
 
 def test_gaussian_learned_variance_is_trainable_and_floored() -> None:
