@@ -252,6 +252,21 @@ def test_reloads_from_a_checkpoint_alone(silent_trainer, tmp_path) -> None:
     torch.testing.assert_close(reloaded.elbo(x), expected)
 
 
+def test_a_checkpoint_that_stores_no_net_names_reloads_with_mlps(silent_trainer, tmp_path) -> None:
+    """Checkpoints written before nets had names store ``encoder: None``: still the MLPs."""
+    model = VAE((64,), latent_dim=3)
+    trainer = silent_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(model, DigitsDataModule(batch_size=256))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"].update(encoder=None, decoder=None)
+    torch.save(checkpoint, path)
+    reloaded = VAE.load_from_checkpoint(path)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_validation_can_be_turned_off(silent_trainer) -> None:
     trainer = silent_trainer(max_epochs=1)
     trainer.fit(VAE((64,), latent_dim=2), DigitsDataModule(val_fraction=0.0, batch_size=256))

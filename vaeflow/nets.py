@@ -6,8 +6,8 @@ architecture (``class_path`` + ``init_args``) while the model supplies the shape
 the data and the likelihood (a convolutional decoder needs the image shape, not a count). Any
 ``nn.Module`` class with that signature works; registered with ``@register_net("name")`` (or an
 entry point in the ``vaeflow.nets`` group) it also works by name (``encoder: conv_encoder``) and
-is tested automatically in both roles (``tests/test_nets.py``). A net that cannot serve a role
-(a convolutional encoder cannot map a latent code to an image) refuses it with a
+is tested automatically in both roles (``tests/test_vae_registry.py``). A net that cannot serve
+a role (a convolutional encoder cannot map a latent code to an image) refuses it with a
 :class:`~vaeflow.errors.ConfigError` from its constructor.
 """
 

@@ -114,7 +114,8 @@ class VAE(SteppedModule):
             ``(input_shape, (2 * latent_dim,)) -> nn.Module`` (YAML: ``class_path`` +
             ``init_args``).
         decoder: a registered net name (``mlp``, ``conv_decoder``, ...) or a factory
-            ``((latent_dim,), likelihood.output_shape) -> nn.Module``.
+            ``((latent_dim,), likelihood.output_shape) -> nn.Module``. None, for either, is
+            ``mlp`` (checkpoints written before nets had names store None).
         estimator: the training objective. ``analytic_kl``: analytic KL (where registered for
             the posterior and prior) + Monte-Carlo reconstruction term; ``monte_carlo``: the mean
             over samples of log p(x, z) - log q(z|x); ``importance_weighted``: the IWAE bound
@@ -165,8 +166,8 @@ class VAE(SteppedModule):
         latent_dim: int = 16,
         likelihood: Likelihood | str = "bernoulli",
         prior: Prior | str = "standard_normal",
-        encoder: str | NetFactory = "mlp",
-        decoder: str | NetFactory = "mlp",
+        encoder: str | NetFactory | None = "mlp",
+        decoder: str | NetFactory | None = "mlp",
         estimator: Estimator = "analytic_kl",
         num_samples: int = 1,
         beta: float = 1.0,
@@ -201,8 +202,8 @@ class VAE(SteppedModule):
         self.latent_dim = latent_dim
         self.likelihood = LIKELIHOODS.build(likelihood)
         self.likelihood.bind(self.input_shape)
-        self.encoder = build_net(encoder, self.input_shape, (2 * latent_dim,))
-        self.decoder = build_net(decoder, (latent_dim,), self.likelihood.output_shape)
+        self.encoder = build_net(encoder or "mlp", self.input_shape, (2 * latent_dim,))
+        self.decoder = build_net(decoder or "mlp", (latent_dim,), self.likelihood.output_shape)
         self.prior = PRIORS.build(prior)
         self.prior.bind(PriorContext(latent_dim, self.input_shape, self.encode))
         check_objective(estimator, beta, kl_warmup_steps, free_bits, dreg)
