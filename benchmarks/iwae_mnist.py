@@ -67,14 +67,16 @@ def build(args: argparse.Namespace, estimator: str, k: int) -> VaeflowCLI:
     return VaeflowCLI(args=["--config", str(CONFIG), *overrides], run=False)
 
 
-def test_nll(model: VAE, images: Tensor, batch_size: int) -> tuple[float, float]:
-    """-log p(x) per example, by ``Trainer.test`` (what ``vaeflow test`` runs), and seconds."""
+def test_nll(model: VAE, images: Tensor, batch_size: int) -> tuple[float, float, int]:
+    """-log p(x) per example by ``Trainer.test`` (what ``vaeflow test`` runs), its seconds, and
+    the active units it counts."""
     trainer = Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )
     began = time.perf_counter()
     metrics = trainer.test(model, DataLoader(images, batch_size), verbose=False)[0]
-    return -float(metrics["test/log_likelihood"]), time.perf_counter() - began
+    seconds = time.perf_counter() - began
+    return -float(metrics["test/log_likelihood"]), seconds, int(metrics["test/active_units"])
 
 
 def hand_elbo(encoder: nn.Module, decoder: nn.Module, x: Tensor) -> Tensor:
@@ -130,8 +132,8 @@ def main() -> None:
         began = time.perf_counter()
         trainer.fit(model, data)
         seconds = time.perf_counter() - began
-        nll, eval_seconds = test_nll(model, images, args.eval_batch_size)
-        rows.append((name, seconds, nll, eval_seconds, paper))
+        nll, eval_seconds, active = test_nll(model, images, args.eval_batch_size)
+        rows.append((name, seconds, nll, eval_seconds, str(active), paper))
         print(
             f"{name}: trained {seconds:.0f} s, test NLL {nll:.2f} ({eval_seconds:.0f} s)",
             flush=True,
@@ -145,7 +147,8 @@ def main() -> None:
         for batch in images.split(args.eval_batch_size)
     ]
     eval_seconds = time.perf_counter() - began
-    rows.append(("hand VAE k=1", seconds, -torch.cat(chunks).mean().item(), eval_seconds, 86.76))
+    hand_nll = -torch.cat(chunks).mean().item()
+    rows.append(("hand VAE k=1", seconds, hand_nll, eval_seconds, "-", 86.76))
 
     batches = args.batches_per_epoch or "all"
     print(
@@ -154,11 +157,13 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
     print(
-        f"{'model':14s} {'train s':>8s} {'test NLL':>9s} {'test s':>7s} "
+        f"{'model':14s} {'train s':>8s} {'test NLL':>9s} {'test s':>7s} {'active units':>13s} "
         f"{'paper (3280 passes)':>20s}"
     )
-    for name, seconds, nll, eval_seconds, paper in rows:
-        print(f"{name:14s} {seconds:8.0f} {nll:9.2f} {eval_seconds:7.0f} {paper:20.2f}")
+    for name, seconds, nll, eval_seconds, active, paper in rows:
+        print(
+            f"{name:14s} {seconds:8.0f} {nll:9.2f} {eval_seconds:7.0f} {active:>13s} {paper:20.2f}"
+        )
     vae, _, iwae50, hand = (row[2] for row in rows)
     print(f"IWAE k=50 below the VAE by {vae - iwae50:.2f} nats (target >= 1)")
     print(f"VAE minus hand loop {vae - hand:+.2f} nats (target within 0.5)")
