@@ -37,7 +37,7 @@ from vae_eval import hand_log_likelihood, peak_memory_mib
 
 from vaeflow.cli import VaeflowCLI
 from vaeflow.models import VAE
-from vaeflow.models.vae import eval_chunk_numbers
+from vaeflow.models.vae import samples_per_chunk
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "iwae_mnist.yaml"
 #: (row, estimator, k, the paper's test NLL)
@@ -140,7 +140,8 @@ def main() -> None:
         )
 
     encoder, decoder, seconds = hand_loop(start, train, args, data.batch_size)
-    chunk = max(1, eval_chunk_numbers(images.device) // (args.eval_batch_size * 784))
+    outputs = start.likelihood.num_outputs
+    chunk = samples_per_chunk(args.eval_batch_size, outputs, images.device)
     began = time.perf_counter()
     chunks = [
         hand_log_likelihood(encoder, decoder, batch, args.eval_samples, chunk)

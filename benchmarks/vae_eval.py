@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from vaeflow.cli import VaeflowCLI
 from vaeflow.models import VAE
-from vaeflow.models.vae import eval_chunk_numbers
+from vaeflow.models.vae import samples_per_chunk
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "vae_mnist.yaml"
 LOG_2PI = math.log(2 * math.pi)
@@ -106,8 +106,7 @@ def main() -> None:
 
     model, images = build(args)
     model.eval_samples = args.samples
-    outputs = args.batch_size * model.likelihood.num_outputs
-    chunk = max(1, eval_chunk_numbers(images.device) // outputs)
+    chunk = samples_per_chunk(args.batch_size, model.likelihood.num_outputs, images.device)
     encoder, decoder = hand_network(model)
     trainer = Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
