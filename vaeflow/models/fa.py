@@ -60,10 +60,10 @@ class FactorAnalysis(LightningModule):
 
     Each training pass over the data is exact EM: the E-step statistics are summed in float64
     outside autocast, reduced across processes through the Lightning strategy, and the M-step
-    runs once at the end of the pass. Training stops by itself once an iteration changes the
-    log-likelihood by less than ``tol`` nats per example (or after ``max_iter`` EM iterations):
-    leave the Trainer's ``max_epochs`` at -1. The per-iteration log-likelihood, ELBO (nats per
-    example) and bits per dimension go to the loggers as ``train/log_likelihood``,
+    runs once at the end of the pass. Training stops by itself once the log-likelihood is
+    estimated to be within ``tol`` nats per example of its limit (or after ``max_iter`` EM
+    iterations): leave the Trainer's ``max_epochs`` at -1. The per-iteration log-likelihood,
+    ELBO (nats per example) and bits per dimension go to the loggers as ``train/log_likelihood``,
     ``train/elbo`` and ``train/bits_per_dim``, one row per EM iteration, with the iteration as
     the step; ``val/...`` rows take the step of the iteration they score.
 
@@ -86,9 +86,11 @@ class FactorAnalysis(LightningModule):
             of the covariance (randomised subspace iteration on S, or a randomised sketch and
             one more pass when streaming); ``random`` from random loadings drawn with ``seed``.
         max_iter: most EM iterations.
-        tol: stop when an iteration changes the log-likelihood by less than this many nats per
-            example. A negative change larger than ``tol`` is round-off (EM never lowers the
-            likelihood) and does not stop the fit.
+        tol: stop when the log-likelihood is estimated to be within this many nats per example
+            of its limit: the Aitken estimate from the gains of two successive EM steps
+            (:mod:`vaeflow.models.stopping`), which tells a slow approach to a maximum from
+            one. A fit also stops when both gains are at the round-off of the log-likelihood,
+            so a ``tol`` below round-off ends where float64 can resolve no more progress.
         noise_floor: lower bound of each noise variance relative to its feature's variance
             (Psi_d >= noise_floor * S_dd), so the fit is equivariant to rescaling a feature.
             It keeps a feature that others predict exactly (collinear columns) from driving
@@ -157,6 +159,9 @@ class FactorAnalysis(LightningModule):
         #: One dict per EM iteration: ``train/log_likelihood``, ``train/elbo`` (nats/example)
         #: and ``train/bits_per_dim``.
         self.history: list[dict[str, float]] = []
+        #: Why the last fit stopped: ``aitken`` (within ``tol`` of the estimated limit),
+        #: ``round-off`` (no gain float64 can resolve) or ``max_iter``; empty before a fit.
+        self.stop_reason = ""
         self._fitter: Fitter | None = None
         self._resume: dict[str, Any] | None = None  # the fit's state in a loaded checkpoint
         self._val_sums = torch.zeros(2, dtype=torch.float64)  # sum of log p(x), examples
@@ -282,6 +287,8 @@ class FactorAnalysis(LightningModule):
     def on_fit_end(self) -> None:
         if self._fitter is None or self._fitter.var is None:
             raise DataError("FactorAnalysis: the training data set is empty; nothing was fitted")
+        self.stop_reason = self._fitter.stopping.reason or "max_iter"
+
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from vaeflow.likelihoods import LOG_2PI
 from vaeflow.models.fa_blas import matmul
+from vaeflow.models.stopping import StoppingRule
 
 
 class Factors(NamedTuple):
@@ -218,9 +219,12 @@ def _squarem_step(
     log_psi, log_psi1 = psi.log(), psi1.log()
     r_w, r_p = w1 - w, log_psi1 - log_psi
     v_w, v_p = w2 - w1 - r_w, psi2.log() - log_psi1 - r_p
+    # the step length in units of each feature's standard deviation, so that the cycle (like
+    # the model) is equivariant to rescaling a feature
+    units = cov.diagonal().sqrt().where(cov.diagonal() > 0, 1.0)[:, None]
     a = math.sqrt(
-        ((r_w**2).sum() + (r_p**2).sum()).item()
-        / max(((v_w**2).sum() + (v_p**2).sum()).item(), 1e-300)
+        (((r_w / units) ** 2).sum() + (r_p**2).sum()).item()
+        / max((((v_w / units) ** 2).sum() + (v_p**2).sum()).item(), 1e-300)
     )
     if 1 < a < math.inf:  # a = 1 is the point of the two EM steps
         w3 = w + 2 * a * r_w + a**2 * v_w
@@ -241,44 +245,37 @@ def em_on_covariance(
     *,
     floor: Tensor,
     isotropic: bool,
-    tol: float,
+    stopping: StoppingRule,
     iterations: range,
     accelerate: bool,
     record: Callable[[Iterate], None],
 ) -> tuple[Tensor, Tensor]:
-    """EM on the covariance S from (w, psi) until an iteration gains less than ``tol`` nats
-    per example, or the ``iterations`` run out. An iteration is one EM step, or with
-    ``accelerate`` one SQUAREM cycle (three EM steps and an extrapolation: on MNIST about 4x
-    fewer D x D x M products than plain EM with the same ``tol``, and 100x closer to the
-    optimum). ``record`` sees the start (``iterations.start - 1``) and every iterate.
-
-    The stopping rule is :func:`has_converged`, on the last two gains.
+    """EM on the covariance S from (w, psi) until ``stopping`` says the fit has converged, or
+    the ``iterations`` run out. An iteration is one EM step, or with ``accelerate`` one SQUAREM
+    cycle (three EM steps and an extrapolation: on MNIST about 4x fewer D x D x M products
+    than plain EM). ``record`` sees the start (``iterations.start - 1``) and every iterate.
     """
     state = e_step(cov, w, psi)
     record(Iterate(iterations.start - 1, w, psi, state.log_likelihood, _elbo(w, psi, state)))
-    previous = math.inf
+    if stopping.last is None:  # a fresh fit (a resumed one has this iterate's value)
+        stopping.converged(state.log_likelihood.item(), roundoff_scale(state))
     for iteration in iterations:
         if accelerate:
-            w_new, psi_new, new = _squarem_step(cov, w, psi, state, floor, isotropic)
+            w, psi, state = _squarem_step(cov, w, psi, state, floor, isotropic)
         else:
-            w_new, psi_new = m_step(state.factors, state.moments, floor, isotropic)
-            new = e_step(cov, w_new, psi_new)
-        gain = (new.log_likelihood - state.log_likelihood).item()
-        w, psi, state = w_new, psi_new, new
+            w, psi = m_step(state.factors, state.moments, floor, isotropic)
+            state = e_step(cov, w, psi)
         record(Iterate(iteration, w, psi, state.log_likelihood, _elbo(w, psi, state)))
-        if has_converged(previous, gain, tol):
+        if stopping.converged(state.log_likelihood.item(), roundoff_scale(state)):
             break
-        previous = gain
     return w, psi
 
 
-def has_converged(previous: float, gain: float, tol: float) -> bool:
-    """Whether the last two EM gains (nats per example) say the fit has converged: both are at
-    most ``tol`` in size. EM never lowers the likelihood, so a negative gain is round-off
-    (about 1e-16 times sum_d S_dd / Psi_d: 1e-9 on raw breast-cancer features); one gain
-    below tol can be round-off too, and stopped fits 2.7e-4 nats short at tol = 1e-12. Two in a
-    row cost one more iteration at a tol above the round-off, and below it the fit runs on."""
-    return abs(previous) <= tol and abs(gain) <= tol
+def roundoff_scale(state: EStep) -> float:
+    """Size of the terms that the mean log-likelihood sums, which sets its round-off:
+    tr(S~) = sum_d S_dd / Psi_d (see the module docstring) and the log-likelihood itself."""
+    trace = (state.moments.var / state.factors.noise_variance).sum()
+    return (trace + state.log_likelihood.abs()).item()
 
 
 def _elbo(w: Tensor, psi: Tensor, state: EStep) -> Tensor:

@@ -1,0 +1,67 @@
+"""The EM stopping rule (vaeflow.models.stopping) on sequences with a known limit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from vaeflow.models.stopping import StoppingRule
+
+
+def run(rule: StoppingRule, values, scale: float = 1.0) -> int | None:
+    """The index at which ``rule`` stops on ``values``, or None."""
+    for k, value in enumerate(values):
+        if rule.converged(float(value), scale):
+            return k
+    return None
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.9, 0.99])
+def test_a_linear_sequence_stops_within_tol_of_its_limit(rate: float) -> None:
+    """l_k = L - c rate^k: Aitken's estimate is exact, so the fit stops at the first iterate
+    within tol of L, however slowly the gains shrink."""
+    limit, tol = 10.0, 1e-6
+    values = limit - 3.0 * rate ** np.arange(5000)
+    k = run(StoppingRule(tol), values, scale=0.0)
+    assert k is not None
+    assert limit - values[k] <= tol * (1 + 1e-6)
+    assert limit - values[k - 1] > tol  # not one iterate later than needed
+
+
+def test_small_constant_gains_are_a_plateau_not_convergence() -> None:
+    """Gains of 2.5e-7 per iteration (the breast-cancer plateau) are below tol = 1e-6, but
+    their ratio is one: no estimate, no stop."""
+    values = 22.658 + 2.5e-7 * np.arange(200)
+    rule = StoppingRule(1e-6)
+    assert run(rule, values) is None
+    assert math.isinf(rule.distance)
+
+
+def test_a_single_small_ratio_does_not_stop_the_fit() -> None:
+    """An erratic stretch (an accelerated cycle whose extrapolation was rejected) has a small
+    ratio next to large ones: the largest of the window's ratios is the estimate."""
+    gains = [6.9e-5, 7.7e-6, 1.7e-6, 1.7e-6, 7.7e-7, 4.0e-6, 5.9e-7, 2.5e-7, 2.5e-7, 2.5e-7]
+    assert run(StoppingRule(1e-6), np.cumsum([0.0, *gains])) is None
+
+
+def test_gains_at_round_off_stop_the_fit_whatever_tol() -> None:
+    """At tol = 1e-12, below the round-off, noise of either sign stops the fit once the
+    window's gains are all within the round-off (measured by the decreases seen)."""
+    rng = np.random.default_rng(0)
+    values = 5.0 + 1e-8 * rng.standard_normal(1000)
+    rule = StoppingRule(1e-12)
+    k = run(rule, values, scale=1.0)
+    assert k is not None and k < 100
+    assert rule.reason == "round-off"
+
+
+def test_the_state_round_trips() -> None:
+    """A resumed fit continues the rule where the checkpoint left it."""
+    values = 1.0 - 0.5 ** np.arange(8)
+    rule = StoppingRule(1e-12)
+    run(rule, values[:5])
+    copy = StoppingRule(1e-12)
+    copy.load_state_dict(rule.state_dict())
+    assert run(copy, values[5:]) == run(rule, values[5:])
