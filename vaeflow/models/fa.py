@@ -289,7 +289,6 @@ class FactorAnalysis(LightningModule):
             raise DataError("FactorAnalysis: the training data set is empty; nothing was fitted")
         self.stop_reason = self._fitter.stopping.reason or "max_iter"
 
-
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._fitter is not None:

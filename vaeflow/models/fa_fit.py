@@ -360,8 +360,10 @@ class EMPass(CentredPass):
         model.record(
             Iterate(int(model.n_iter), w, psi, ll, elbo_from_moments(w, psi, self.factors, moments))
         )
-        scale = roundoff_scale(EStep(self.factors, moments, ll))
-        if fitter.stopping.converged(ll.item(), scale) or int(model.n_iter) >= model.hparams.max_iter:
+        converged = fitter.stopping.converged(
+            ll.item(), roundoff_scale(EStep(self.factors, moments, ll))
+        )
+        if converged or int(model.n_iter) >= model.hparams.max_iter:
             return None
         fitter.set(*m_step(self.factors, moments, fitter.floor, model.isotropic))
         model.n_iter += 1

@@ -76,7 +76,7 @@ class StoppingRule:
             return True
         self.distance = math.inf
         if all(g > 0 for g in self.gains):
-            rate = max(b / a for a, b in zip(self.gains, self.gains[1:]))
+            rate = max(b / a for a, b in zip(self.gains, self.gains[1:], strict=False))
             if rate < 1:
                 self.distance = gain * rate / (1 - rate)
                 if self.distance <= self.tol:
