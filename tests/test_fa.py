@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
 from scipy.linalg import solve_triangular
 from scipy.stats import multivariate_normal
 from sklearn.datasets import load_breast_cancer, load_digits
@@ -23,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader
 
 from vaeflow.cli import main
-from vaeflow.data import ArrayDataModule, SyntheticFADataModule
+from vaeflow.data import ArrayDataModule, DigitsDataModule, SyntheticFADataModule
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.metrics import bits_per_dim
 from vaeflow.models import FactorAnalysis
@@ -635,3 +636,24 @@ def test_cli_fit_logs_every_em_iteration(tmp_path: Path, monkeypatch) -> None:
     # every row, validation included, is on the EM-iteration axis: no step means two iterations
     assert all(row["step"] == row["em_iteration"] for row in rows)
     assert rows[-1]["val/log_likelihood"] and rows[-1]["step"] == rows[-2]["step"]
+
+
+@pytest.mark.ddp
+def test_the_test_log_likelihood_is_the_exact_mean_on_uneven_shards(
+    trainer, ddp_spawn, tmp_path: Path
+) -> None:
+    """The digits' 359 test rows over 2 processes (shares of 180 and 179): the logged mean is
+    the mean over the 359 rows, as on one process (Lightning's synced mean of the batch counts
+    divided the total by 358), and the loggers get it in float64."""
+    data = DigitsDataModule(batch_size=64)
+    model = FactorAnalysis(data.dims, latent_dim=5, max_iter=5)
+    trainer().fit(model, datamodule=data)
+    data.setup("test")
+    exact = model.log_likelihood(data.splits["test"]).mean().item()
+    logger = CSVLogger(tmp_path, name="one")
+    (one,) = trainer(logger=logger).test(model, datamodule=data, verbose=False)
+    (two,) = trainer(strategy=ddp_spawn, devices=2).test(model, datamodule=data, verbose=False)
+    assert one["test/log_likelihood"] == pytest.approx(exact, rel=1e-6)
+    assert two["test/log_likelihood"] == pytest.approx(exact, rel=1e-6)
+    rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
+    assert float(rows[-1]["test/log_likelihood"]) == pytest.approx(exact, rel=1e-13)

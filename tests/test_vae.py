@@ -362,3 +362,20 @@ def test_encoder_scales_are_capped_and_the_range_is_checked() -> None:
     assert (model.encode(torch.rand(5, 4)).stddev == 1e-4).all()
     with pytest.raises(ConfigError, match=r"floor 1\.0, cap 0\.5"):
         VAE(input_shape=(4,), posterior_scale_range=(1.0, 0.5))
+
+
+@pytest.mark.ddp
+def test_the_test_means_are_exact_on_uneven_shards(silent_trainer, ddp_spawn) -> None:
+    """The digits' 359 test rows over 2 processes (180 and 179): the test KL (analytic, so
+    the same numbers on one process and on two) is the mean over the 359 rows either way."""
+    model = VAE((64,), latent_dim=3, eval_samples=0)
+    data = DigitsDataModule(batch_size=64)
+    (one,) = silent_trainer().test(model, data, verbose=False)
+    (two,) = silent_trainer(strategy=ddp_spawn, devices=2).test(model, data, verbose=False)
+    data.setup("test")
+    x = data.splits["test"]
+    with torch.no_grad():
+        posterior = model.encode(x)
+        exact = model.kl(posterior, posterior.rsample()).mean().item()
+    assert one["test/kl"] == pytest.approx(exact, rel=1e-5)
+    assert two["test/kl"] == pytest.approx(exact, rel=1e-5)

@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from vaeflow.callbacks import prediction_callbacks
 from vaeflow.errors import ConfigError, DataError
-from vaeflow.metrics import bits_per_dim
+from vaeflow.metrics import EpochMeans, bits_per_dim
 from vaeflow.models.fa_fit import Fitter, MomentsFitter, StreamingFitter
 from vaeflow.models.fa_math import (
     Iterate,
@@ -164,7 +164,7 @@ class FactorAnalysis(LightningModule):
         self.stop_reason = ""
         self._fitter: Fitter | None = None
         self._resume: dict[str, Any] | None = None  # the fit's state in a loaded checkpoint
-        self._val_sums = torch.zeros(2, dtype=torch.float64)  # sum of log p(x), examples
+        self._means = {"val": EpochMeans(), "test": EpochMeans()}
         if input_shape is not None:
             self._build(tuple(input_shape))
 
@@ -318,32 +318,52 @@ class FactorAnalysis(LightningModule):
         for logger in self.loggers:
             logger.log_metrics({**row, "em_iteration": step}, step=step)
 
+    def _evaluate(self, stage: str, batch: Tensor) -> None:
+        ll = self.log_likelihood(batch)
+        self._means[stage].update({"log_likelihood": ll.mean()}, len(ll))
+
+    def _epoch_row(self, stage: str) -> dict[str, float]:
+        """The epoch's mean log-likelihood (float64: sums of values and of examples reduced
+        once over processes, exact for uneven shards) and its bits per dimension."""
+        means = self._means[stage].compute(
+            lambda totals: self.trainer.strategy.reduce(totals, reduce_op="sum")
+        )
+        value = means["log_likelihood"].item()
+        return {f"{stage}/log_likelihood": value, f"{stage}/bits_per_dim": self.bits_per_dim(value)}
+
     @override
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = self.mean.new_zeros(2)  # sum of log-likelihoods, examples
+        self._means["val"] = EpochMeans()
 
     @override
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        ll = self.log_likelihood(batch)
-        self._val_sums += torch.stack([ll.sum(), ll.new_tensor(len(ll))])
+        self._evaluate("val", batch)
 
     @override
     def on_validation_epoch_end(self) -> None:
         """``val/log_likelihood`` and ``val/bits_per_dim`` of the iteration's parameters."""
-        total, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        value = (total / count).item()
-        row = {"val/log_likelihood": value, "val/bits_per_dim": self.bits_per_dim(value)}
+        row = self._epoch_row("val")
         for name, metric in row.items():
             self.log(name, metric, logger=False)  # callbacks and progress bar
         if not self.trainer.sanity_checking:
             self._log_row(row)
 
     @override
+    def on_test_epoch_start(self) -> None:
+        self._means["test"] = EpochMeans()
+
+    @override
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        ll = self.log_likelihood(batch).mean()
-        bits = bits_per_dim(ll, self.dim, self.hparams.data_log_scale)
-        for name, value in (("test/log_likelihood", ll), ("test/bits_per_dim", bits)):
-            self.log(name, value.float(), batch_size=len(batch), sync_dist=True)
+        self._evaluate("test", batch)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        """The test metrics, in float64 (Lightning keeps a float64 tensor's precision, a
+        Python float it makes float32). They are the same on every process: ``sync_dist``
+        only tells Lightning so, which it would otherwise warn about under DDP."""
+        row = self._epoch_row("test")
+        values = {name: torch.tensor(value, dtype=torch.float64) for name, value in row.items()}
+        self.log_dict(values, batch_size=1, sync_dist=True)
 
     @override
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
