@@ -452,9 +452,15 @@ class DiscretizedLogisticMixture(Distribution):
 
     @property
     def mean(self) -> Tensor:
-        """The mixture's mean location in [0, 1] (before discretisation and clipping)."""
-        y = (self.logits.exp() * self.loc).sum(-1)
-        return ((y + 1) / 2).clamp(0, 1)
+        """E[x], exactly over the 256 levels: for values k / 255, E[x] = (1/255) sum_{k=1}^{255}
+        P(x >= k / 255), and P(x >= k / 255) is the mixture's mass above the bin edge between
+        levels k - 1 and k. (The clipped mean location is not E[x]: at location -1.5 and log
+        scale 0.5 it is 0 where E[x] = 0.29, as the edge bins hold the mass beyond [-1, 1].)"""
+        edges = torch.arange(1, PIXEL_LEVELS, dtype=self.loc.dtype, device=self.loc.device)
+        edges = 2 * (edges - 0.5) / (PIXEL_LEVELS - 1) - 1  # between levels k - 1 and k
+        inverse_scale = torch.exp(-self.log_scale).unsqueeze(-1)
+        above = torch.sigmoid((self.loc.unsqueeze(-1) - edges) * inverse_scale).sum(-1)
+        return (self.logits.exp() * above).sum(-1) / (PIXEL_LEVELS - 1)
 
 
 @register_likelihood("discretized_logistic")
