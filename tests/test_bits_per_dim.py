@@ -51,7 +51,7 @@ def test_min_max_scaled_floats_have_the_log_of_their_range(tmp_path: Path) -> No
     module = ArrayDataModule(str(tmp_path / "x.npy"), scale=True)
     assert module.log_scale == pytest.approx(math.log(8.0), rel=1e-12)
     module.setup()  # the values the model sees are the raw ones, shifted, over that factor
-    raw = torch.from_numpy(np.load(tmp_path / "x.npy")).float()[module.indices["train"]]
+    raw = torch.from_numpy(np.load(tmp_path / "x.npy"))[module.indices["train"]]  # float64
     torch.testing.assert_close(module.splits["train"] * 8.0 - 3.0, raw)
     assert ArrayDataModule(str(tmp_path / "x.npy")).log_scale == 0.0, "own units by default"
 

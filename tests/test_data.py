@@ -453,6 +453,23 @@ def test_array_formats_round_trip(
     np.testing.assert_array_equal(module.splits["train"].numpy(), DATA)
 
 
+@pytest.mark.parametrize(
+    ("stored", "kept"),
+    [(np.float64, torch.float64), (np.float32, torch.float32), (np.int64, torch.float32)],
+)
+def test_array_float64_data_stay_float64(stored, kept, tmp_path: Path) -> None:
+    """float64 arrays keep their precision (factor analysis computes in float64: in float32 an
+    offset of 1e6 moved the fitted mean by 6e-4); other types become the default dtype."""
+    values = (np.random.default_rng(0).normal(size=(40, 3)) * 100).astype(stored) + 10**6
+    np.save(tmp_path / "x.npy", values)
+    module = ArrayDataModule(str(tmp_path / "x.npy"), val_fraction=0.25)
+    module.setup()
+    rows = values[module.indices["train"].numpy()]
+    assert module.splits["train"].dtype == kept
+    if kept == torch.float64:
+        np.testing.assert_array_equal(module.splits["train"].numpy(), rows)
+
+
 def test_array_images_uint8_and_test_path(tmp_path: Path) -> None:
     generator = np.random.default_rng(0)
     train = generator.integers(0, 200, (30, 1, 4, 4), dtype=np.uint8)
@@ -486,7 +503,8 @@ def test_array_test_path_scaled_with_the_training_range(tmp_path: Path) -> None:
         str(tmp_path / "train.npy"), test_path=str(tmp_path / "test.npy"), scale=True
     )
     module.setup()
-    torch.testing.assert_close(module.splits["test"], torch.tensor([[0.2, 0.4], [0.6, 0.8]]))
+    expected = torch.tensor([[0.2, 0.4], [0.6, 0.8]], dtype=torch.float64)
+    torch.testing.assert_close(module.splits["test"], expected)
 
 
 def write_bytes(name: str, content: bytes) -> Callable[[Path], Path]:
@@ -684,7 +702,7 @@ def test_array_defaults_keep_every_row_in_the_users_units(tmp_path: Path) -> Non
     module = ArrayDataModule(str(tmp_path / "x.npy"), val_fraction=0.0)
     module.setup()
     assert module.log_scale == 0.0 and len(module.splits["test"]) == 0
-    torch.testing.assert_close(module.splits["train"], torch.from_numpy(values).float())
+    assert torch.equal(module.splits["train"], torch.from_numpy(values))  # float64 kept
     assert torch.equal(module.indices["train"], torch.arange(40))
     pixels = ArrayDataModule(str(write_array("p.npy", (values % 256).astype(np.uint8))(tmp_path)))
     pixels.setup()

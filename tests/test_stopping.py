@@ -48,13 +48,22 @@ def test_a_single_small_ratio_does_not_stop_the_fit() -> None:
 
 def test_gains_at_round_off_stop_the_fit_whatever_tol() -> None:
     """At tol = 1e-12, below the round-off, noise of either sign stops the fit once the
-    window's gains are all within the round-off (measured by the decreases seen)."""
+    window's gains are all within the round-off (measured by the decreases seen): terms of
+    1e7 (raw breast-cancer features) round at 2e-9, and the noise here is 1e-8."""
     rng = np.random.default_rng(0)
     values = 5.0 + 1e-8 * rng.standard_normal(1000)
     rule = StoppingRule(1e-12)
-    k = run(rule, values, scale=1.0)
+    k = run(rule, values, scale=1e7)
     assert k is not None and k < 100
     assert rule.reason == "round-off"
+
+
+def test_a_large_decrease_is_not_taken_for_round_off() -> None:
+    """A decrease far above the round-off (a start outside the model's family) must not make
+    later real gains look like noise."""
+    values = np.cumsum([0.0, -40.0, 10.7, 4.2, 1.0, 0.5, 0.25, 0.12])
+    rule = StoppingRule(1e-10)
+    assert run(rule, values, scale=1e3) is None
 
 
 def test_the_state_round_trips() -> None:

@@ -4,6 +4,7 @@ import functools
 import math
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -379,3 +380,18 @@ def test_the_test_means_are_exact_on_uneven_shards(silent_trainer, ddp_spawn) ->
         exact = model.kl(posterior, posterior.rsample()).mean().item()
     assert one["test/kl"] == pytest.approx(exact, rel=1e-5)
     assert two["test/kl"] == pytest.approx(exact, rel=1e-5)
+
+
+def test_a_vae_trains_on_float64_data_in_its_own_dtype(silent_trainer, tmp_path) -> None:
+    """A float64 array stays float64 in the data module (for factor analysis); the VAE gets
+    each batch in its network's dtype."""
+    from vaeflow.data import ArrayDataModule
+
+    x = np.random.default_rng(0).normal(size=(64, 5))
+    np.save(tmp_path / "x.npy", x)
+    data = ArrayDataModule(str(tmp_path / "x.npy"), batch_size=16)
+    model = VAE((5,), latent_dim=2, likelihood=GaussianLikelihood())
+    silent_trainer().fit(model, data)
+    assert data.splits["train"].dtype == torch.float64
+    assert model.dtype == torch.float32
+    assert math.isfinite(silent_trainer().validate(model, data, verbose=False)[0]["val/elbo"])

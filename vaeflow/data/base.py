@@ -19,6 +19,7 @@ from vaeflow.data.preprocess import (
     Noise,
     Preprocessing,
     finite_bounds,
+    storage_dtype,
     take,
 )
 from vaeflow.errors import DataError
@@ -191,13 +192,15 @@ class InMemoryDataModule(LightningDataModule):
                 )
         rows = self._split_rows(len(train), carve_test=test is None)
         origin = {"train": train, "val": train, "test": train if test is None else test}
+        default_dtype = torch.get_default_dtype()
         if test is not None:
             rows["test"] = torch.arange(len(test))
         splits = {
             split: take(
                 origin[split],
                 None if len(rows[split]) == len(origin[split]) else rows[split],  # all, in order
-                torch.get_default_dtype(),
+                # levels of a known grid (pixels) are exact in any float type
+                storage_dtype(origin[split]) if self.value_range is None else default_dtype,
             )
             for split in SPLITS
         }

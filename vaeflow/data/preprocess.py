@@ -52,6 +52,16 @@ class BatchNoise:
         return batch
 
 
+def storage_dtype(array: Array) -> torch.dtype:
+    """The dtype a data module keeps an array in: float64 stays float64, so that the models
+    that compute in float64 (factor analysis) see the user's values (an offset of 1e6 in
+    float32 moved the fitted mean by 6e-4); anything else becomes the default dtype, and so do
+    the levels of a known grid (pixels: a data module's ``value_range``), exact in it. A VAE
+    casts what it is given to its network's dtype (:meth:`VAE.as_input`)."""
+    double = torch.float64 if isinstance(array, Tensor) else np.float64
+    return torch.float64 if array.dtype == double else torch.get_default_dtype()
+
+
 def take(array: Array, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``array[rows]`` (every row in its order when ``rows`` is None) as a ``dtype`` tensor that
     owns its memory, with one copy at most (none when the array is in memory, of that type).

@@ -189,7 +189,10 @@ class Fitter(ABC):
             generator = torch.Generator().manual_seed(model.hparams.seed)
             scale = math.sqrt(var.mean().item() / model.latent_dim)
             loadings = torch.randn(model.dim, model.latent_dim, generator=generator, dtype=F64)
-            self.set(loadings.to(var.device) * scale, var)
+            # in the model's family: one variance for probabilistic PCA (with the features'
+            # own, EM's first step lowered the likelihood)
+            noise = var.mean().expand_as(var) if model.isotropic else var
+            self.set(loadings.to(var.device) * scale, noise)
         else:
             units = self.units
             trace = (var / units**2).sum()

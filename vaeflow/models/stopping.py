@@ -31,6 +31,9 @@ from typing import Any
 #: gains 4e-9 per cycle with no decrease, 1e-4 nats below the maximum; at 16 eps the fit took
 #: those real gains for round-off and stopped there.
 ROUNDOFF_EPSILONS = 1
+#: A decrease counts as round-off up to this multiple of that level: a larger one is no
+#: rounding (a fit started outside its model's family, a bug) and must not stop the fit.
+MAX_ROUNDOFF = 1000
 
 
 @dataclass
@@ -70,7 +73,8 @@ class StoppingRule:
         self.gains = [*self.gains, gain][-(self.window + 1) :]
         if len(self.gains) <= self.window:
             return False
-        roundoff = max(ROUNDOFF_EPSILONS * 2.0**-52 * scale, self.largest_decrease)
+        floor = ROUNDOFF_EPSILONS * 2.0**-52 * scale
+        roundoff = max(floor, min(self.largest_decrease, MAX_ROUNDOFF * floor))
         if all(abs(g) <= roundoff for g in self.gains):
             self.reason = "round-off"
             return True

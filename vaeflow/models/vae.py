@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -231,8 +232,16 @@ class VAE(SteppedModule):
 
     # -- the model --------------------------------------------------------------------------------
 
+    def as_input(self, x: Tensor | np.ndarray) -> Tensor:
+        """``x`` as the networks take it: a tensor on the model's device, floats in its dtype
+        (users hold float64 tensors and NumPy arrays, and data modules keep float64 arrays in
+        float64 for factor analysis)."""
+        x = torch.as_tensor(x, device=self.device)
+        return x.to(self.dtype) if x.is_floating_point() and x.dtype != self.dtype else x
+
     def encode(self, x: Tensor) -> Distribution:
         """q(z | x): a diagonal Gaussian with event shape ``(latent_dim,)``."""
+        x = self.as_input(x)
         loc, raw_scale = at_least_float32(self.encoder(x)).chunk(2, dim=-1)
         return DiagonalNormal(loc, bounded_scale(raw_scale, *self.posterior_scale_range))
 
@@ -263,6 +272,7 @@ class VAE(SteppedModule):
     ) -> tuple[DiagonalNormal, Tensor, Tensor]:
         """q(z|x), reparameterised samples z from it, and the mean over them of log p(x|z),
         ``(N,)``."""
+        x = self.as_input(x)
         posterior = self.encode(x)
         # One sample needs no sample dimension, nor a mean over it (a few percent of a small
         # model's step on the CPU).
@@ -308,6 +318,7 @@ class VAE(SteppedModule):
         each sample is multiplied by its normalised weight, so that the encoder receives
         sum_k w_k^2 d log w_k / dz_k dz_k / dphi. The values are unchanged.
         """
+        x = self.as_input(x)
         posterior = self.encode(x)
         shape = (num_samples,)
         z = posterior.rsample(shape) if reparameterized or dreg else posterior.sample(shape)
@@ -338,6 +349,7 @@ class VAE(SteppedModule):
         bounded for any K. It is a lower bound in expectation that tightens towards log p(x) as
         K grows.
         """
+        x = self.as_input(x)
         if chunk_size is None:
             chunk_size = samples_per_chunk(len(x), self.likelihood.num_outputs, x.device)
         with torch.no_grad():
