@@ -130,3 +130,23 @@ def test_dreg_is_unbiased_for_the_encoder_and_leaves_the_decoder_and_bound_alone
     plain, dreg = torch.stack(plain), torch.stack(dreg)
     stderr = (plain.var(0) / len(plain) + dreg.var(0) / len(dreg)).sqrt()
     assert ((plain.mean(0) - dreg.mean(0)).abs() <= 5 * stderr + 1e-12).all()
+
+
+def median_snr(model: VAE, x: torch.Tensor, dreg: bool, k: int, replicates: int = 100) -> float:
+    """Median over the encoder's parameters of |mean| / std of the gradient over replicates."""
+    grads = torch.stack([iwae_gradients(model, x, dreg, seed, k)[0] for seed in range(replicates)])
+    snr = grads.mean(0).abs() / grads.std(0)
+    return snr[torch.isfinite(snr)].median().item()
+
+
+def test_dreg_has_the_higher_signal_to_noise_ratio_but_it_does_not_grow_with_k() -> None:
+    """What VAE's ``dreg`` docstring states, measured on the tiny float64 model (one example,
+    100 replicates; 200 gave 0.56, 0.49, 0.33 for DReG against 0.29, 0.22, 0.15 for plain
+    IWAE at K = 5, 50, 500): DReG's encoder gradient has about twice plain IWAE's median
+    signal-to-noise ratio at every K, and neither grows with K."""
+    model = small_vae().double()
+    x = binary_data(1).double()
+    few, many = ({dreg: median_snr(model, x, dreg, k) for dreg in (False, True)} for k in (5, 500))
+    for snr in (few, many):
+        assert snr[True] > 1.5 * snr[False]
+    assert many[True] < few[True] and many[False] < few[False]
