@@ -234,8 +234,9 @@ class Equamax(GradientProjection):
 @register_rotation("oblimin")
 class Oblimin(GradientProjection):
     """Direct oblimin (Jennrich & Sampson, 1966): Q = 1/4 sum L^2 * ((I - gamma/D 1 1^T) L^2 N),
-    the covariances of the squared loadings of different factors. ``gamma`` = 0 is quartimin
-    (the most oblique), 0.5 biquartimin; larger gamma gives more nearly orthogonal factors.
+    the covariances of the squared loadings of different factors. ``gamma`` = 0 is quartimin.
+    On the pattern (direct oblimin, as GPArotation and SPSS's delta) a larger gamma gives more
+    correlated factors and a negative one less; values near 1 can fail to converge.
 
     Args:
         gamma: the obliqueness parameter (GPArotation's ``gam``).

@@ -213,7 +213,7 @@ def fit_statistics(
     dim = cov.shape[0]
     squares = residual**2
     diagonal = squares.diagonal().sum().item()
-    off_diagonal = squares.sum().item() - diagonal
+    off_diagonal = squares.triu(1).sum().item() * 2
     test = chi_square_test(f, null, dim, loadings.shape[1], num_obs, confidence)
     return FitStatistics(
         **vars(test),
