@@ -35,11 +35,13 @@ from vaeflow.analysis import (
     fit_statistics,
     kmo,
     max_latent_dim,
+    model_std,
     parallel_analysis,
     rotate,
     select_by_bic,
     summarize,
 )
+from vaeflow.analysis.rotation import Geomin
 from vaeflow.analysis.statistics import bartlett_factor, degrees_of_freedom
 from vaeflow.errors import ConfigError
 from vaeflow.models import FactorAnalysis
@@ -169,6 +171,11 @@ def test_varimax_summary_reproduces_factanal_on_harman74(harman74_fits: dict) ->
     """Uniquenesses, varimax loadings and variance explained of the 4-factor model, to the
     printed 3 decimals (5e-4, plus 1e-4 for stats::varimax's looser stopping rule)."""
     loadings, noise = harman74_fits[4]
+    # at the ML fit the model reproduces the sample variances (1 for a correlation matrix), so
+    # the model's and the data's standard deviations standardise alike
+    torch.testing.assert_close(
+        model_std(loadings, noise), torch.ones(24, dtype=F64), atol=1e-6, rtol=0
+    )
     rotation = rotate(loadings, "varimax")
     summary = summarize(rotation.loadings, noise, rotation.phi)
     tolerance = 6e-4
@@ -325,6 +332,10 @@ def test_oblimin_gamma_and_its_effect() -> None:
 def test_rotation_errors_and_edge_cases(harman74_fits: dict) -> None:
     with pytest.raises(ConfigError, match=r"unknown rotation 'obliminn'.*Available: .*geomin"):
         rotate(harman74_fits[4][0], "obliminn")
+    loadings = harman74_fits[4][0]
+    by_instance = rotate(loadings, Geomin(epsilon=0.02))
+    by_name = rotate(loadings, "geomin", epsilon=0.02)
+    torch.testing.assert_close(by_instance.loadings, by_name.loadings)
     with pytest.warns(RuntimeWarning, match="did not converge in 1 iterations"):
         rotate(harman74_fits[4][0], "quartimin", max_iter=1)
     one = -harman74_fits[1][0]

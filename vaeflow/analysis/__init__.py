@@ -6,6 +6,7 @@ estimator can share them."""
 from vaeflow.analysis.fit import fit_covariance
 from vaeflow.analysis.rotation import (
     ROTATIONS,
+    GradientProjection,
     Rotation,
     RotationMethod,
     explained_variance,
@@ -40,6 +41,7 @@ __all__ = [
     "BICSelection",
     "ChiSquareTest",
     "FitStatistics",
+    "GradientProjection",
     "LoadingSummary",
     "ParallelAnalysis",
     "Rotation",
