@@ -1,11 +1,12 @@
 """Rotations of factor loadings: gradient projection (Jennrich 2001, 2002) and promax.
 
-A factor model x = A z + e, z ~ N(0, I), is unchanged when the factors are transformed: for any
-M x M matrix T with unit-length columns, the factors f = T^T z have correlations Phi = T^T T and
-the pattern P = A T^(-T) gives P Phi P^T = A A^T, so the implied covariance, and with it the
-likelihood, stays the same. A rotation picks the T that makes P simplest by a criterion Q(P).
-Orthogonal rotations keep T orthogonal (Phi = I, P = A T); oblique ones only keep the columns of
-T at unit length, so that Phi is a correlation matrix. T is reported as GPArotation's ``Th``.
+A factor model x = A z + e, z ~ N(0, I), is unchanged when the factors are transformed: for an
+invertible M x M matrix T with unit-length columns, the factors f = T^T z have correlations
+Phi = T^T T and the pattern P = A T^(-T) gives P Phi P^T = A A^T, so the implied covariance,
+and with it the likelihood, stays the same. A rotation picks the T that makes P simplest by a
+criterion Q(P). Orthogonal rotations keep T orthogonal (Phi = I, P = A T); oblique ones only
+keep the columns of T at unit length, so that Phi is a correlation matrix. T is reported as
+GPArotation's ``Th``.
 
 Gradient projection (Bernaards & Jennrich, 2005, GPForth / GPFoblq) descends Q over T: the
 gradient of Q with respect to T is projected onto the tangent space of the constraint, a step
