@@ -1,0 +1,114 @@
+"""How many factors: Horn's parallel analysis and the Bayesian information criterion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vaeflow.analysis.fit import fit_covariance
+from vaeflow.analysis.statistics import degrees_of_freedom, fit_statistics
+
+
+@dataclass(frozen=True)
+class ParallelAnalysis:
+    """Eigenvalues of the correlation matrix against those of random data of the same shape.
+
+    Attributes:
+        eigenvalues: of the observed correlation matrix, descending (D).
+        thresholds: the ``quantile`` of each ordered eigenvalue over the simulations (D).
+        num_factors: how many leading eigenvalues exceed their thresholds before the first
+            that does not.
+    """
+
+    eigenvalues: Tensor
+    thresholds: Tensor
+    num_factors: int
+
+
+@dataclass(frozen=True)
+class BICSelection:
+    """BIC (:class:`vaeflow.analysis.statistics.ChiSquareTest`) of each number of factors.
+
+    Attributes:
+        bic: number of factors -> its BIC.
+        num_factors: the number with the smallest BIC.
+    """
+
+    bic: dict[int, float]
+    num_factors: int
+
+
+def correlation(x: Tensor) -> Tensor:
+    """The correlation matrix of the rows of x (N x D), in float64."""
+    return torch.corrcoef(x.to(torch.float64).T)
+
+
+def parallel_analysis(
+    corr: Tensor,
+    num_obs: int,
+    *,
+    num_simulations: int = 100,
+    quantile: float = 0.95,
+    seed: int = 0,
+) -> ParallelAnalysis:
+    """Horn's (1965) parallel analysis: keep the leading factors whose correlation-matrix
+    eigenvalues exceed what independent normal data of the same size (``num_obs`` x D) give,
+    here the ``quantile`` of each ordered eigenvalue over ``num_simulations`` data sets (Glorfeld's
+    95th percentile rather than Horn's mean, which retains too many). The random data are drawn
+    with a generator seeded by ``seed``, so the result is reproducible.
+
+    Args:
+        corr: the correlation matrix (D x D) of the data, e.g. :func:`correlation`.
+        num_obs: the number of examples it was computed from.
+        num_simulations: random data sets.
+        quantile: the quantile of the random eigenvalues an observed one must exceed.
+        seed: seed of the random data.
+    """
+    dim = corr.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    simulated = torch.stack(
+        [
+            torch.linalg.eigvalsh(
+                correlation(torch.randn(num_obs, dim, generator=generator, dtype=torch.float64))
+            ).flip(0)
+            for _ in range(num_simulations)
+        ]
+    )
+    thresholds = torch.quantile(simulated, quantile, dim=0).to(corr)
+    eigenvalues = torch.linalg.eigvalsh(corr).flip(0)
+    below = (eigenvalues <= thresholds).nonzero()
+    num_factors = int(below[0]) if len(below) else dim
+    return ParallelAnalysis(eigenvalues, thresholds, num_factors)
+
+
+def max_latent_dim(num_features: int) -> int:
+    """The most factors that leave positive degrees of freedom (the Ledermann bound): beyond it
+    the model fits any covariance and the chi-square test and BIC say nothing."""
+    latent = 0
+    while degrees_of_freedom(num_features, latent + 1) > 0:
+        latent += 1
+    return latent
+
+
+def select_by_bic(
+    cov: Tensor, num_obs: int, latent_dims: Sequence[int] | None = None
+) -> BICSelection:
+    """Fit each number of factors by maximum likelihood (:func:`fit_covariance`) and pick the
+    smallest BIC = chi-square - dof ln n (Schwarz, 1978, in psych's form).
+
+    Args:
+        cov: the covariance or correlation matrix (D x D).
+        num_obs: the number of examples it was computed from.
+        latent_dims: the numbers of factors to try; every one with positive degrees of freedom
+            (1 to :func:`max_latent_dim`) when None.
+    """
+    if latent_dims is None:
+        latent_dims = range(1, max_latent_dim(cov.shape[0]) + 1)
+    bic = {}
+    for latent in latent_dims:
+        loadings, noise = fit_covariance(cov, latent)
+        bic[latent] = fit_statistics(cov, loadings, noise, num_obs).bic
+    return BICSelection(bic, min(bic, key=bic.__getitem__))
