@@ -9,6 +9,7 @@ from torch import Tensor
 
 from vaeflow.errors import ConfigError
 from vaeflow.models.fa_math import em_on_covariance, ppca_solution
+from vaeflow.models.stopping import StoppingRule
 
 
 def fit_covariance(
@@ -31,7 +32,9 @@ def fit_covariance(
     Args:
         cov: a covariance or correlation matrix S (D x D), float64.
         latent_dim: number of factors M, 1 <= M < D.
-        tol: stop when two successive EM iterations each gain less than this.
+        tol: stop when the log-likelihood is estimated to be within this many nats per
+            example of its limit (:class:`~vaeflow.models.stopping.StoppingRule`), or its gains
+            are round-off.
         max_iter: most EM (SQUAREM) iterations.
         noise_floor: lower bound of Psi_d relative to S_dd (as ``FactorAnalysis.noise_floor``).
 
@@ -54,7 +57,7 @@ def fit_covariance(
         noise,
         floor=floor,
         isotropic=False,
-        tol=tol,
+        stopping=StoppingRule(tol),
         iterations=range(1, max_iter + 1),
         accelerate=True,
         record=lambda _: None,
