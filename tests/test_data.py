@@ -470,6 +470,19 @@ def test_array_float64_data_stay_float64(stored, kept, tmp_path: Path) -> None:
         np.testing.assert_array_equal(module.splits["train"].numpy(), rows)
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_csv_header_names_the_features_and_no_row_is_lost(bom: bytes, tmp_path: Path) -> None:
+    """A header (after a UTF-8 byte-order mark or not) gives the feature names; a first row of
+    numbers (with a byte-order mark too) is data: every row is kept."""
+    (tmp_path / "named.csv").write_bytes(bom + b"height, weight,age\n1,2,3\n4,5,6\n")
+    (tmp_path / "plain.csv").write_bytes(bom + b"1,2,3\n4,5,6\n7,8,9\n")
+    named = ArrayDataModule(str(tmp_path / "named.csv"), val_fraction=0.0)
+    plain = ArrayDataModule(str(tmp_path / "plain.csv"), val_fraction=0.0)
+    named.setup(), plain.setup()
+    assert named.feature_names == ["height", "weight", "age"] and plain.feature_names is None
+    assert len(named.splits["train"]) == 2 and len(plain.splits["train"]) == 3
+
+
 def test_array_images_uint8_and_test_path(tmp_path: Path) -> None:
     generator = np.random.default_rng(0)
     train = generator.integers(0, 200, (30, 1, 4, 4), dtype=np.uint8)
@@ -545,6 +558,8 @@ def write_npz(name: str) -> Callable[[Path], Path]:
         (write_bytes("x.txt", b"1,2\n"), None, r"unsupported file type '\.txt'; supported: \.npy"),
         (write_bytes("x.csv", b"a,b\n1,2\n3,oops\n"), None, "could not convert string 'oops'"),
         (write_bytes("x.csv", b""), None, "is empty"),
+        (write_bytes("x.csv", b"1,,3\n4,5,6\n"), None, "neither a row of numbers nor a header"),
+        (write_bytes("x.csv", b"a,2,c\n4,5,6\n"), None, "neither a row of numbers nor a header"),
         (write_bytes("x.npy", b"not numpy"), None, "could not be read as .npy"),
         (write_array("x.npy", np.arange(5.0)), None, r"shape \(5,\); expected \(N, \.\.\.\)"),
         (write_array("x.npy", np.array([["a", "b"]])), None, "must hold numbers, got dtype <U1"),

@@ -61,17 +61,40 @@ def _read_pt(path: Path, key: str | None) -> Array:
     return content
 
 
-def _read_csv(path: Path, key: str | None) -> Array:
-    with path.open() as file:
-        first = file.readline()
+def _is_number(field: str) -> bool:
     try:
-        np.array(first.split(","), dtype=float)
-        header = 0
+        float(field)
     except ValueError:
-        header = 1  # the first row names the columns
+        return False
+    return True
+
+
+def csv_header(path: Path) -> list[str] | None:
+    """The column names of a CSV file whose first line names them, or None when the first line
+    is a row of numbers. A header is a line of names only: a line mixing names and numbers, or
+    with an empty field, is refused rather than guessed at (a data row taken for a header would
+    be lost without a word). A UTF-8 byte-order mark is not part of the first name."""
+    with path.open(encoding="utf-8-sig") as file:
+        first = file.readline().rstrip("\r\n")
+    fields = [field.strip() for field in first.split(",")]
+    numbers = [_is_number(field) for field in fields]
+    if not first.strip() or all(numbers):  # an empty file is reported by the reader
+        return None
+    if not any(numbers) and all(fields):
+        return fields
+    raise DataError(
+        f"the first line of {path} is neither a row of numbers nor a header of column names: "
+        f"{first[:200]!r}; fill empty cells (or drop the row) and name every column"
+    )
+
+
+def _read_csv(path: Path, key: str | None) -> Array:
+    header = csv_header(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # "is empty" below
-        return np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2)
+        return np.loadtxt(
+            path, delimiter=",", skiprows=int(header is not None), ndmin=2, encoding="utf-8-sig"
+        )
 
 
 #: File extension -> reader of the file's array.
@@ -180,6 +203,12 @@ class ArrayDataModule(InMemoryDataModule):
     @property
     def example_shape(self) -> tuple[int, ...]:
         return tuple(self._array(self.path).shape[1:])
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        """The column names of a CSV file with a header (None for other files), which factor
+        analysis's tables carry."""
+        return csv_header(self.path) if self.path.suffix.lower() == ".csv" else None
 
     @override
     def source(self, split: Split) -> str:
