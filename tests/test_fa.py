@@ -23,6 +23,7 @@ from sklearn.decomposition._factor_analysis import _ortho_rotation
 from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader
 
+from vaeflow.analysis import rotate
 from vaeflow.cli import main
 from vaeflow.data import ArrayDataModule, DigitsDataModule, SyntheticFADataModule
 from vaeflow.errors import ConfigError, DataError
@@ -37,7 +38,6 @@ from vaeflow.models.fa_math import (
     log_likelihood_from_moments,
     m_step,
     moments_at,
-    varimax,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,14 +279,33 @@ def test_log_likelihood_at_least_scikit_learns(trainer, seed: int) -> None:
     assert model.log_likelihood(x).mean().item() >= reference.score(x.numpy()) - 1e-3
 
 
-def test_varimax_matches_scikit_learn_and_keeps_the_likelihood(trainer) -> None:
+@pytest.mark.parametrize("rotation", ["varimax", "oblimin"])
+def test_a_rotation_keeps_the_likelihood_and_matches_scikit_learns_varimax(
+    trainer, rotation: str
+) -> None:
+    """``rotation`` leaves the fitted model (its likelihood) alone and is reported by
+    ``rotated()``: the pattern and Phi imply the model's covariance; without Kaiser
+    normalisation, varimax is scikit-learn's."""
     data = SyntheticFADataModule(num_train=2000, dim=10, latent_dim=3)
-    plain, rotated = fitted(trainer, data), fitted(trainer, data, rotation="varimax")
-    w = plain.loadings.detach()
-    expected = _ortho_rotation(w.numpy(), method="varimax").T
-    np.testing.assert_allclose(varimax(w).numpy(), expected, rtol=1e-6, atol=1e-9)
+    plain, rotated = fitted(trainer, data), fitted(trainer, data, rotation=rotation)
     x = train_data(data)
     torch.testing.assert_close(rotated.log_likelihood(x), plain.log_likelihood(x))
+    pattern, phi, _ = rotated.rotated()
+    implied = pattern @ phi @ pattern.T + torch.diag(rotated.noise_variance.detach())
+    torch.testing.assert_close(implied, covariance(rotated).detach(), rtol=1e-9, atol=1e-12)
+    w = plain.loadings.detach()
+    ours = rotate(w, "varimax", normalize=False).loadings.numpy()
+    expected = _ortho_rotation(w.numpy(), method="varimax").T
+    # the same columns up to order and sign (rotate orders and signs them)
+    matches = np.abs(ours.T @ expected) / np.outer(
+        np.linalg.norm(ours, axis=0), np.linalg.norm(expected, axis=0)
+    )
+    np.testing.assert_allclose(np.sort(matches.max(1)), 1.0, rtol=0, atol=1e-6)
+
+
+def test_an_unknown_rotation_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="oblimn"):
+        FactorAnalysis((5,), latent_dim=2, rotation="oblimn")
 
 
 # -- robustness and errors ----------------------------------------------------------------------

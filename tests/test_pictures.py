@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 from torch.distributions import Independent, Normal
 
+from vaeflow.analysis import Rotation
 from vaeflow.callbacks import (
     Interpolations,
     LatentScatter,
@@ -115,7 +116,9 @@ def test_scatter_colours_points_by_label_and_projects_on_principal_components() 
 
 def test_loadings_are_red_where_positive_blue_where_negative_largest_factor_first() -> None:
     class StubFA:
-        loadings = torch.tensor([[1.0, 0.0], [-1.0, 4.0], [0.0, -4.0], [0.5, 2.0]])
+        def rotated(self) -> Rotation:
+            loadings = torch.tensor([[1.0, 0.0], [-1.0, 4.0], [0.0, -4.0], [0.5, 2.0]])
+            return Rotation(loadings, torch.eye(2), torch.eye(2))
 
     picture = Loadings(columns=2).draw(StubFA(), examples(torch.zeros(2, 4)))
     white, red, blue = [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]

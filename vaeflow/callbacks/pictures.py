@@ -281,9 +281,10 @@ class LatentScatter(Picture):
 
 
 class Loadings(Picture):
-    """Factor analysis's loadings, one picture per factor (the columns of W, largest norm
-    first): red positive, blue negative, white zero, each on its own scale. For data that are
-    not images, one strip per factor, stacked into a heat map.
+    """Factor analysis's loadings, one picture per factor (the columns of the rotated pattern,
+    :meth:`FactorAnalysis.rotated`, largest norm first): red positive, blue negative, white
+    zero, each on its own scale. For data that are not images, one strip per factor, stacked
+    into a heat map.
 
     Args:
         num_factors: how many factors at most.
@@ -299,7 +300,7 @@ class Loadings(Picture):
 
     @override
     def draw(self, model: LightningModule, examples: Examples) -> Tensor:
-        w = model.loadings.detach().double().cpu().T  # (M, D)
+        w = model.rotated().loadings.double().cpu().T  # (M, D)
         w = w[w.norm(dim=1).argsort(descending=True)[: self.num_factors]]
         w = w / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
         w = w.reshape(len(w), *examples.image_shape).float()

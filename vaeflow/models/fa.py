@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from vaeflow.analysis.rotation import ROTATIONS, Rotation, rotate
 from vaeflow.callbacks import prediction_callbacks
+from vaeflow.callbacks.factor_report import FactorReport
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.metrics import EpochMeans, bits_per_dim
 from vaeflow.models.fa_fit import Fitter, MomentsFitter, StreamingFitter
@@ -29,7 +31,6 @@ from vaeflow.models.fa_math import (
     log_likelihood,
     posterior_covariance,
     posterior_mean,
-    varimax,
 )
 
 #: Smallest ``noise_floor``: the rounding of the covariance S (relative ~1e-16 times the growth
@@ -40,6 +41,12 @@ MIN_NOISE_FLOOR = 1e-9
 
 #: Key of the fit's state (beyond parameters) in a checkpoint.
 CHECKPOINT_KEY = "factor_analysis_fit"
+#: Key of the training data's fit statistics in a checkpoint.
+STATISTICS_KEY = "factor_analysis_statistics"
+
+
+#: The training fit's statistics that ``vaeflow test`` reports beside the test likelihood.
+FIT_STATISTICS = ("chi_square", "dof", "p_value", "rmsea", "tli", "bic", "srmr")
 
 
 class EMStepCounter(Optimizer):
@@ -105,7 +112,11 @@ class FactorAnalysis(LightningModule):
         accelerate: SQUAREM cycles instead of single EM steps in the ``moments`` method
             (safeguarded: the log-likelihood still never decreases); an iteration is then one
             cycle.
-        rotation: ``varimax`` rotates the fitted loadings (the likelihood is unchanged).
+        rotation: the rotation that the reports use (``loadings.csv``, ``summary.txt``, the
+            loadings pictures; :meth:`rotated`): a name of :data:`vaeflow.analysis.ROTATIONS`
+            (orthogonal ``varimax``, ``quartimax``, ``equamax``; oblique ``promax``,
+            ``oblimin``, ``quartimin``, ``geomin``) or ``none``. The likelihood does not change
+            under rotation, and ``loadings`` keep the unrotated maximum-likelihood solution.
         seed: seed of the random initialisation and of the streaming PPCA sketch.
         data_log_scale: log of the factor the data module divided the data by (linked by the
             CLI from the data module's ``log_scale``), for bits per dimension on the data's
@@ -129,7 +140,7 @@ class FactorAnalysis(LightningModule):
         noise_floor: float = 1e-8,
         constant_feature_variance: float = 1e-12,
         accelerate: bool = True,
-        rotation: Literal["none", "varimax"] = "none",
+        rotation: str = "none",
         seed: int = 0,
         data_log_scale: float = 0.0,
     ) -> None:
@@ -148,6 +159,8 @@ class FactorAnalysis(LightningModule):
                 f"{MIN_NOISE_FLOOR:g} float64 cannot resolve the log-likelihood of the noise "
                 "variances that sit on it"
             )
+        if rotation != "none":
+            ROTATIONS.get(rotation)  # an unknown name is a ConfigError listing the known ones
         if not constant_feature_variance > 0:
             raise ConfigError(
                 "FactorAnalysis: constant_feature_variance must be positive, got "
@@ -162,6 +175,10 @@ class FactorAnalysis(LightningModule):
         #: Why the last fit stopped: ``aitken`` (within ``tol`` of the estimated limit),
         #: ``round-off`` (no gain float64 can resolve) or ``max_iter``; empty before a fit.
         self.stop_reason = ""
+        #: Goodness of fit of the training data (:class:`vaeflow.analysis.FitStatistics` as a
+        #: dict: chi-square, RMSEA, TLI, BIC, SRMR, ...) when fitted by ``moments`` on data
+        #: without constant features; None otherwise.
+        self.fit_statistics: dict[str, float] | None = None
         self._fitter: Fitter | None = None
         self._resume: dict[str, Any] | None = None  # the fit's state in a loaded checkpoint
         self._means = {"val": EpochMeans(), "test": EpochMeans()}
@@ -207,6 +224,16 @@ class FactorAnalysis(LightningModule):
         return posterior_mean(self._centred(x), factors), posterior_covariance(factors)
 
     @torch.no_grad()
+    def rotated(self) -> Rotation:
+        """The loadings rotated by ``rotation`` (the pattern in the data's units, the factor
+        correlations Phi and the rotation T: pattern = W T^(-T), Phi = T^T T), factors ordered
+        by variance explained and signed to positive sums (:func:`vaeflow.analysis.rotate`)."""
+        if self.hparams.rotation == "none":
+            eye = torch.eye(self.latent_dim, dtype=self.loadings.dtype, device=self.mean.device)
+            return Rotation(self.loadings.detach(), eye, eye)
+        return rotate(self.loadings.detach(), self.hparams.rotation)
+
+    @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         """n draws from the model, shaped (n, *input_shape)."""
         z = torch.randn(n, self.latent_dim, dtype=self.mean.dtype, device=self.mean.device)
@@ -240,8 +267,9 @@ class FactorAnalysis(LightningModule):
 
     @override
     def configure_callbacks(self) -> list[Callback]:
-        """``vaeflow predict`` writes the latent codes (posterior means) to ``latents.pt``."""
-        return prediction_callbacks(self.trainer)
+        """``vaeflow predict`` writes the latent codes (posterior means) to ``latents.pt``; a
+        fit writes ``loadings.csv`` and ``summary.txt`` (:class:`FactorReport`)."""
+        return [*prediction_callbacks(self.trainer), FactorReport()]
 
     @override
     def on_train_start(self) -> None:
@@ -276,27 +304,25 @@ class FactorAnalysis(LightningModule):
         fitter = self._fitter
         if fitter.current is None or not fitter.current.sums:
             return
-        done = fitter.end_pass()
-        if self.hparams.rotation == "varimax":
-            with torch.no_grad():
-                self.loadings.copy_(varimax(self.loadings))
-        if done:
+        if fitter.end_pass():
+            self.stop_reason = fitter.stopping.reason or "max_iter"
             self.trainer.should_stop = True
 
     @override
     def on_fit_end(self) -> None:
         if self._fitter is None or self._fitter.var is None:
             raise DataError("FactorAnalysis: the training data set is empty; nothing was fitted")
-        self.stop_reason = self._fitter.stopping.reason or "max_iter"
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._fitter is not None:
             checkpoint[CHECKPOINT_KEY] = self._fitter.state_dict()
+        checkpoint[STATISTICS_KEY] = self.fit_statistics
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resume = checkpoint.get(CHECKPOINT_KEY)
+        self.fit_statistics = checkpoint.get(STATISTICS_KEY)
 
     def record(self, iterate: Iterate) -> None:
         """One row per EM iteration: log-likelihood, ELBO and bits/dim at the iterate."""
@@ -362,6 +388,8 @@ class FactorAnalysis(LightningModule):
         Python float it makes float32). They are the same on every process: ``sync_dist``
         only tells Lightning so, which it would otherwise warn about under DDP."""
         row = self._epoch_row("test")
+        for name in FIT_STATISTICS if self.fit_statistics else ():
+            row[f"fit/{name}"] = self.fit_statistics[name]  # of the training data
         values = {name: torch.tensor(value, dtype=torch.float64) for name, value in row.items()}
         self.log_dict(values, batch_size=1, sync_dist=True)
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from vaeflow.analysis.statistics import fit_statistics
 from vaeflow.errors import DataError
 from vaeflow.models.fa_blas import (
     CHUNK_ROWS,
@@ -225,8 +227,9 @@ class MomentsFitter(Fitter):
     def first_pass(self) -> Pass:
         return CovariancePass(self)
 
-    def fit(self, cov: Tensor) -> None:
-        """Start (unless resumed), then EM on the covariance S."""
+    def fit(self, cov: Tensor, num_obs: int) -> None:
+        """Start (unless resumed), then EM on the covariance S of ``num_obs`` examples; the
+        fit statistics of S when no feature is constant (log det S is finite)."""
         model = self.model
         with single_thread_if(2 * model.dim**2 * model.latent_dim < SMALL_WORK):
             if not self.started:
@@ -251,6 +254,11 @@ class MomentsFitter(Fitter):
                 record=model.record,
             )
         self.set(w, psi)
+        w, psi = model.loadings.detach(), model.noise_variance.detach()
+        try:
+            model.fit_statistics = asdict(fit_statistics(cov, w, psi, num_obs))
+        except torch.linalg.LinAlgError:  # S singular (constant or collinear features)
+            model.fit_statistics = None
 
 
 class CovariancePass(FirstPass):
@@ -268,7 +276,7 @@ class CovariancePass(FirstPass):
         total, gram = sums
         self.mean_and_variances(n, total, gram.diagonal())
         centre = total / n
-        self.fitter.fit(symmetric_from_lower(gram) / n - torch.outer(centre, centre))
+        self.fitter.fit(symmetric_from_lower(gram) / n - torch.outer(centre, centre), int(n))
         return None
 
 

@@ -306,24 +306,3 @@ def leading_eigenpairs(
         basis = torch.linalg.qr(matmul(cov, basis)).Q
     eigenvalues, vectors = torch.linalg.eigh(basis.T @ matmul(cov, basis))
     return eigenvalues.flip(0), basis @ vectors.flip(1)
-
-
-def varimax(loadings: Tensor, tol: float = 1e-6, max_iter: int = 100) -> Tensor:
-    """Varimax rotation of D x M loadings (Kaiser, 1958; the same iteration as scikit-learn's).
-
-    It maximises the variance of the squared loadings in each column, so each factor loads on
-    few features; the model's covariance, and so its likelihood, is unchanged.
-    """
-    dim, latent = loadings.shape
-    rotation = torch.eye(latent, dtype=loadings.dtype, device=loadings.device)
-    criterion = 0.0
-    for _ in range(max_iter):
-        rotated = loadings @ rotation
-        target = rotated**3 - rotated * (rotated**2).sum(0) / dim
-        u, s, vh = torch.linalg.svd(loadings.T @ target)
-        rotation = u @ vh
-        new = s.sum().item()
-        if criterion != 0 and new < criterion * (1 + tol):
-            break
-        criterion = new
-    return loadings @ rotation

@@ -1,0 +1,144 @@
+"""What a factor-analysis fit reports, as psych's ``fa`` prints it: ``loadings.csv`` and
+``summary.txt`` in the run folder, and the fit statistics on the console."""
+
+from __future__ import annotations
+
+import csv
+from typing import TYPE_CHECKING
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from vaeflow.analysis.summary import LoadingSummary, summarize
+from vaeflow.callbacks.tracking import run_dir
+
+if TYPE_CHECKING:
+    from vaeflow.models.fa import FactorAnalysis
+
+LOADINGS_FILE = "loadings.csv"
+SUMMARY_FILE = "summary.txt"
+
+
+def feature_names(trainer: Trainer, dim: int) -> list[str]:
+    """The data module's ``feature_names`` (a CSV header), else x1..xD."""
+    names = getattr(trainer.datamodule, "feature_names", None)
+    return (
+        list(names)
+        if names is not None and len(names) == dim
+        else [f"x{d + 1}" for d in range(dim)]
+    )
+
+
+def statistics_lines(statistics: dict[str, float] | None) -> list[str]:
+    """psych's lines about the fit (maximum likelihood, Bartlett-corrected chi-square)."""
+    if not statistics:
+        return [
+            "Fit statistics: none (they need the moments method and a covariance matrix of "
+            "full rank: no constant or collinear feature)."
+        ]
+    s = statistics
+    return [
+        f"Log-likelihood: {s['log_likelihood']:.4f} nats per example",
+        f"Chi-square (Bartlett's correction): {s['chi_square']:.2f} on {s['dof']:g} degrees of "
+        f"freedom, p = {s['p_value']:.4g}",
+        f"RMSEA: {s['rmsea']:.4f}, 90% interval [{s['rmsea_lower']:.4f}, {s['rmsea_upper']:.4f}]",
+        f"Tucker-Lewis index: {s['tli']:.4f}   BIC: {s['bic']:.2f}   SRMR: {s['srmr']:.4f}",
+    ]
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
+
+
+def summary_text(model: FactorAnalysis, names: list[str], summary: LoadingSummary) -> str:
+    """The psych-style report: standardised loadings with communalities (h2) and
+    uniquenesses (u2), variance explained, factor correlations and the fit statistics."""
+    factors = [f"F{j + 1}" for j in range(model.latent_dim)]
+    lines = [
+        f"Factor analysis by maximum likelihood: {model.latent_dim} factors, {model.dim} "
+        f"features, rotation: {model.hparams.rotation}",
+        f"EM iterations: {int(model.n_iter)} (stopped: {model.stop_reason or 'not fitted'})",
+        "",
+        "Standardised loadings (pattern matrix):",
+        *table(
+            ["", *factors, "h2", "u2"],
+            [
+                [name, *(f"{v:.3f}" for v in row), f"{h2:.3f}", f"{u2:.3f}"]
+                for name, row, h2, u2 in zip(
+                    names,
+                    summary.pattern.tolist(),
+                    summary.communalities.tolist(),
+                    summary.uniquenesses.tolist(),
+                    strict=True,
+                )
+            ],
+        ),
+        "",
+        *table(
+            ["", *factors],
+            [
+                [label, *(f"{v:.3f}" for v in values.tolist())]
+                for label, values in (
+                    ("SS loadings", summary.variance),
+                    ("Proportion Var", summary.proportion_variance),
+                    ("Cumulative Var", summary.cumulative_variance),
+                    ("Proportion Explained", summary.proportion_explained),
+                    ("Cumulative Proportion", summary.cumulative_proportion),
+                )
+            ],
+        ),
+        "",
+        "Factor correlations (Phi):",
+        *table(
+            ["", *factors],
+            [
+                [f, *(f"{v:.3f}" for v in row)]
+                for f, row in zip(factors, summary.phi.tolist(), strict=True)
+            ],
+        ),
+        "",
+        *statistics_lines(model.fit_statistics),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class FactorReport(Callback):
+    """At the end of a fit, the rotated solution (:meth:`FactorAnalysis.rotated`) on the
+    correlation scale: ``loadings.csv`` (one row per feature: loadings, h2, u2) and
+    ``summary.txt`` in the run folder, and the fit statistics on the console."""
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        folder = run_dir(trainer)  # collective: every process calls it
+        if not trainer.is_global_zero:
+            return
+        model: FactorAnalysis = pl_module  # type: ignore[assignment]
+        rotation = model.rotated()
+        summary = summarize(rotation.loadings, model.noise_variance.detach(), rotation.phi)
+        names = feature_names(trainer, model.dim)
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / LOADINGS_FILE).open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(
+                ["feature", *(f"F{j + 1}" for j in range(model.latent_dim)), "h2", "u2"]
+            )
+            for name, row, h2, u2 in zip(
+                names,
+                summary.pattern.tolist(),
+                summary.communalities.tolist(),
+                summary.uniquenesses.tolist(),
+                strict=True,
+            ):
+                writer.writerow([name, *(f"{v:.6g}" for v in row), f"{h2:.6g}", f"{u2:.6g}"])
+        (folder / SUMMARY_FILE).write_text(summary_text(model, names, summary))
+        print(
+            f"Factor analysis: {int(model.n_iter)} EM iterations, stopped by "
+            f"{model.stop_reason}; loadings in {folder / LOADINGS_FILE}, report in "
+            f"{folder / SUMMARY_FILE}"
+        )
+        for line in statistics_lines(model.fit_statistics):
+            print(line)
