@@ -109,3 +109,13 @@ def test_fit_statistics_of_a_true_model_do_not_reject_it() -> None:
     right, wrong = FactorAnalysis(3).fit(x), FactorAnalysis(1).fit(x)
     assert right.fit_statistics_.p_value > 0.01 and right.fit_statistics_.rmsea < 0.05
     assert wrong.fit_statistics_.p_value < 1e-6
+
+
+def test_a_fit_writes_no_file_and_prints_nothing(tmp_path, monkeypatch, capsys) -> None:
+    """An estimator has no run folder: no loadings.csv or summary.txt in the working folder,
+    no report on the console (Lightning's start-up lines included)."""
+    monkeypatch.chdir(tmp_path)
+    FactorAnalysis(2, rotation="oblimin").fit(factor_data(n=200, dim=6, latent=2))
+    assert list(tmp_path.iterdir()) == []
+    captured = capsys.readouterr()
+    assert captured.out == ""

@@ -109,10 +109,13 @@ def summary_text(model: FactorAnalysis, names: list[str], summary: LoadingSummar
 class FactorReport(Callback):
     """At the end of a fit, the rotated solution (:meth:`FactorAnalysis.rotated`) on the
     correlation scale: ``loadings.csv`` (one row per feature: loadings, h2, u2) and
-    ``summary.txt`` in the run folder, and the fit statistics on the console."""
+    ``summary.txt`` in the run folder, and the fit statistics on the console. A fit without
+    a logger has no run folder (``vaeflow.sklearn``, a trainer of the user's): nothing then."""
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.loggers:
+            return
         folder = run_dir(trainer)  # collective: every process calls it
         if not trainer.is_global_zero:
             return
