@@ -237,3 +237,14 @@ def test_plain_text_drops_rest_markup() -> None:
 
     text = "``x`` of :class:`~vaeflow.nets.MLP`, :func:`vaeflow.metrics.bits_per_dim`, `y`"
     assert plain_text(text) == "x of MLP, vaeflow.metrics.bits_per_dim, y"
+
+
+def test_a_misspelt_name_or_option_after_a_name_is_named_with_the_right_one(capsys) -> None:
+    for mistake, expected in [
+        (["gausian", "--model.likelihood.variance"], "Did you mean 'gaussian'?"),
+        (["gaussian", "--model.likelihood.varianse"], "Did you mean 'variance'?"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--model", "VAE", "--model.likelihood", *mistake, "fixed", *TINY_FIT])
+        assert exit_info.value.code == 2
+        assert expected in capsys.readouterr().err

@@ -139,7 +139,9 @@ class VaeflowArgumentParser(LightningArgumentParser):
                     current[key], given_at[key] = value, index
                 elif option == f"--{key}.help" and value in registry:
                     args[index] = f"{option}={registry.class_path(value)}"
-                elif option.startswith(f"--{key}.") and isinstance(name, str) and name in registry:
+                elif option.startswith(f"--{key}.") and isinstance(name, str):
+                    # a str is a name (jsonargparse turns class paths and class names into
+                    # class_path blocks): get() refuses an unknown one with the known names
                     path = current[key] = registry.class_path(name)
                     if key in given_at:
                         args[given_at[key]] = f"--{key}={path}"
