@@ -45,8 +45,21 @@ SUBCOMMANDS = {
         "one with its options: vaeflow list likelihood gaussian."
     ),
 }
-#: Names :mod:`vaeflow.lightning_cli` defined here before it had a module of its own.
-MOVED = frozenset({"VaeflowCLI", "SaveConfig", "PROGRESS_BAR", "SAFETY_CALLBACKS", "RUNS_DIR"})
+#: Names this module defined before :mod:`vaeflow.lightning_cli` had a module of its own.
+MOVED = frozenset(
+    {
+        "CKPT_KEYWORDS",
+        "PROGRESS_BAR",
+        "RUNS_DIR",
+        "SAFETY_CALLBACKS",
+        "SaveConfig",
+        "VaeflowCLI",
+        "end_process_group",
+        "import_path",
+        "is_class_config",
+        "with_default",
+    }
+)
 
 
 def version() -> str:
