@@ -248,3 +248,46 @@ def test_a_misspelt_name_or_option_after_a_name_is_named_with_the_right_one(caps
             main(["fit", "--model", "VAE", "--model.likelihood", *mistake, "fixed", *TINY_FIT])
         assert exit_info.value.code == 2
         assert expected in capsys.readouterr().err
+
+
+def test_the_parser_reads_a_name_with_options_as_its_class() -> None:
+    """The forms the parser of a class's init args receives: the command line's
+    ``--key=value`` (name and options together, or the name given earlier), and config blocks."""
+    from jsonargparse import Namespace
+
+    from vaeflow.cli_parser import VaeflowArgumentParser
+
+    parser = VaeflowArgumentParser()
+    parser.add_class_arguments(VAE)
+    assert parser.registered == {
+        "likelihood": LIKELIHOODS,
+        "prior": PRIORS,
+        "encoder": NETS,
+        "decoder": NETS,
+    }
+    args, _ = parser.names_with_options_as_class_paths(
+        [
+            "--likelihood=gaussian",
+            "--likelihood.variance=fixed",
+            "--prior.help=vamp",
+            "--decoder=mlp",
+        ],
+        None,
+    )
+    assert args == [
+        "--likelihood=vaeflow.likelihoods.GaussianLikelihood",
+        "--likelihood.variance=fixed",
+        "--prior.help=vaeflow.priors.VampPrior",
+        "--decoder=mlp",
+    ]
+    _, earlier = parser.names_with_options_as_class_paths(
+        ["--encoder.hidden=[8]"], Namespace(encoder="mlp", decoder="mlp")
+    )
+    assert earlier.encoder.class_path == "vaeflow.nets.MLP" and earlier.decoder == "mlp"
+    block = parser.class_path_names_resolved(
+        Namespace(likelihood=Namespace(init_args=Namespace(variance="fixed"))),
+        Namespace(likelihood="gaussian"),
+    )
+    assert block.likelihood.class_path == "vaeflow.likelihoods.GaussianLikelihood"
+    config = parser.class_path_names_resolved({"prior": {"class_path": "vamp"}}, None)
+    assert config == {"prior": {"class_path": "vaeflow.priors.VampPrior"}}

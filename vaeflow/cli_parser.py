@@ -139,7 +139,13 @@ class VaeflowArgumentParser(LightningArgumentParser):
                     current[key], given_at[key] = value, index
                 elif option == f"--{key}.help" and value in registry:
                     args[index] = f"{option}={registry.class_path(value)}"
-                elif option.startswith(f"--{key}.") and isinstance(name, str):
+                elif (
+                    option.startswith(f"--{key}.")
+                    and isinstance(name, str)
+                    and not (
+                        option == f"--{key}.help"  # of a class path: jsonargparse's to resolve
+                    )
+                ):
                     # a str is a name (jsonargparse turns class paths and class names into
                     # class_path blocks): get() refuses an unknown one with the known names
                     path = current[key] = registry.class_path(name)
@@ -164,7 +170,7 @@ class VaeflowArgumentParser(LightningArgumentParser):
             if name is None and "init_args" in value and namespace is not None:
                 name = namespace.get(key)
             if isinstance(name, str) and name in registry:
-                value = dict(value.items()) if isinstance(value, Namespace) else dict(value)
+                value = value.clone() if isinstance(value, Namespace) else dict(value)
                 value["class_path"] = registry.class_path(name)
                 obj = obj.clone() if isinstance(obj, Namespace) else dict(obj)
                 obj[key] = value
