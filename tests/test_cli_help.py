@@ -291,3 +291,16 @@ def test_the_parser_reads_a_name_with_options_as_its_class() -> None:
     assert block.likelihood.class_path == "vaeflow.likelihoods.GaussianLikelihood"
     config = parser.class_path_names_resolved({"prior": {"class_path": "vamp"}}, None)
     assert config == {"prior": {"class_path": "vaeflow.priors.VampPrior"}}
+
+
+def test_a_google_style_docstring_splits_into_text_and_arguments() -> None:
+    from vaeflow.listing import parse_docstring
+
+    doc = (
+        "Summary line.\n\nMore text.\n\nArgs:\n    alpha: first line\n        and its rest.\n"
+        "    beta (int): the second.\n\nRaises:\n    ValueError: never listed as an argument.\n"
+    )
+    assert parse_docstring(doc) == (
+        "Summary line.\n\nMore text.",
+        {"alpha": "first line and its rest.", "beta": "the second."},
+    )

@@ -20,8 +20,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import docstring_parser
-
 from vaeflow.errors import ConfigError
 from vaeflow.registry import REGISTRIES, Registry, init_parameters, load_plugins
 
@@ -33,6 +31,13 @@ ROLE = re.compile(r":[\w.:-]+:`([^`]+)`")
 LITERAL = re.compile(r"``([^`]+)``|`([^`]+)`")
 #: the narrowest a wrapped description gets, however long the names beside it.
 MIN_TEXT_WIDTH = 30
+#: a section header of a Google-style docstring (the style vaeflow and Lightning write)
+SECTION = re.compile(
+    r"^(Args|Arguments|Parameters|Attributes|Returns|Yields|Raises|Examples?|Notes?|"
+    r"Warnings?|See Also|References):\s*$"
+)
+#: an entry of an ``Args:`` section: ``name: text`` or ``name (type): text``
+ARGUMENT = re.compile(r"^\s*\*{0,2}(\w+)(?:\s*\([^)]*\))?:\s*(.*)$")
 
 
 def plain_text(text: str) -> str:
@@ -85,26 +90,49 @@ def annotation_text(annotation: Any) -> str:
     return annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
 
 
+def parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """(the text before the first section, {argument: its text}) of a Google-style docstring
+    (dedented, as :func:`inspect.getdoc` gives it)."""
+    text: list[str] = []
+    arguments: dict[str, list[str]] = {}
+    section, indent, name = None, None, None
+    for line in doc.splitlines():
+        header = SECTION.match(line)
+        if header:
+            section, indent, name = header.group(1), None, None
+        elif section is None:
+            text.append(line)
+        elif section in ("Args", "Arguments", "Parameters") and line.strip():
+            depth = len(line) - len(line.lstrip())
+            indent = depth if indent is None else indent
+            entry = ARGUMENT.match(line) if depth == indent else None
+            if entry:
+                name = entry.group(1)
+                arguments[name] = [entry.group(2)]
+            elif name is not None:
+                arguments[name].append(line.strip())
+    return "\n".join(text).strip(), {k: " ".join(" ".join(v).split()) for k, v in arguments.items()}
+
+
 def options(cls: type) -> list[Option]:
     """The constructor arguments of ``cls`` with their types, defaults and the text its
     docstring's ``Args:`` section gives each."""
-    docs = docstring_parser.parse(inspect.getdoc(cls) or "")
-    helps = {p.arg_name: plain_text(p.description or "") for p in docs.params}
+    helps = parse_docstring(inspect.getdoc(cls) or "")[1]
     return [
         Option(
             name=p.name,
             type=annotation_text(p.annotation),
             default=None if p.default is inspect.Parameter.empty else p.default,
             required=p.default is inspect.Parameter.empty,
-            help=" ".join(helps.get(p.name, "").split()),
+            help=plain_text(helps.get(p.name, "")),
         )
         for p in init_parameters(cls)
     ]
 
 
 def description(cls: type) -> str:
-    """The docstring of ``cls`` without its ``Args:`` section, as plain text."""
-    return plain_text(docstring_parser.parse(inspect.getdoc(cls) or "").description or "")
+    """The docstring of ``cls`` before its sections (``Args:``, ...), as plain text."""
+    return plain_text(parse_docstring(inspect.getdoc(cls) or "")[0])
 
 
 class Writer:
@@ -117,20 +145,18 @@ class Writer:
     def line(self, text: str = "") -> None:
         self.lines.append(text)
 
-    def wrapped(self, text: str, indent: int, first: str = "") -> None:
-        """``first`` (written whole), then ``text`` wrapped from column ``indent`` on; on a
-        line of its own when ``first`` reaches that column."""
-        width = max(self.width, indent + MIN_TEXT_WIDTH)
-        pad = " " * indent
-        if first and (len(first) >= indent or not text):
-            self.line(first.rstrip())
-            first = ""
-        lines = textwrap.wrap(
-            text, width, initial_indent=pad, subsequent_indent=pad, break_on_hyphens=False
-        ) or [""]
-        if first:
-            lines[0] = first + lines[0][len(first) :]
-        self.lines.extend(line.rstrip() for line in lines if line.strip() or first)
+    def wrapped(self, text: str, indent: int) -> None:
+        """``text`` wrapped from column ``indent`` on, never narrower than
+        :data:`MIN_TEXT_WIDTH` (a long name beside it may then run past the terminal's edge)."""
+        self.lines.extend(
+            textwrap.wrap(
+                text,
+                max(self.width, indent + MIN_TEXT_WIDTH),
+                initial_indent=" " * indent,
+                subsequent_indent=" " * indent,
+                break_on_hyphens=False,
+            )
+        )
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
