@@ -137,15 +137,10 @@ class VaeflowArgumentParser(LightningArgumentParser):
                 name = current[key]
                 if option == f"--{key}":
                     current[key], given_at[key] = value, index
-                elif option == f"--{key}.help" and value in registry:
-                    args[index] = f"{option}={registry.class_path(value)}"
-                elif (
-                    option.startswith(f"--{key}.")
-                    and isinstance(name, str)
-                    and not (
-                        option == f"--{key}.help"  # of a class path: jsonargparse's to resolve
-                    )
-                ):
+                elif option == f"--{key}.help":  # of anything else: jsonargparse's to resolve
+                    if value in registry:
+                        args[index] = f"{option}={registry.class_path(value)}"
+                elif option.startswith(f"--{key}.") and isinstance(name, str):
                     # a str is a name (jsonargparse turns class paths and class names into
                     # class_path blocks): get() refuses an unknown one with the known names
                     path = current[key] = registry.class_path(name)
