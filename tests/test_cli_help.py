@@ -304,3 +304,11 @@ def test_a_google_style_docstring_splits_into_text_and_arguments() -> None:
         "Summary line.\n\nMore text.",
         {"alpha": "first line and its rest.", "beta": "the second."},
     )
+
+
+def test_an_unknown_subcommand_is_named_with_the_closest_one(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lst"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown subcommand 'lst'. Did you mean 'list'?" in err and "predict, list" in err

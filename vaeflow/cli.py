@@ -9,6 +9,7 @@ start-up time), so the others answer in about a third of the time of a training 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.metadata
 import os
 import sys
@@ -91,6 +92,17 @@ def parser() -> argparse.ArgumentParser:
     return result
 
 
+def subcommand_index(argv: list[str]) -> int | None:
+    """Where the subcommand is in ``argv``: the first argument that is neither an option nor
+    the file of a top-level ``-c``/``--config`` (LightningCLI's ``vaeflow -c run.yaml fit``)."""
+    after_config = False
+    for index, arg in enumerate(argv):
+        if not after_config and not arg.startswith("-"):
+            return index
+        after_config = arg in ("-c", "--config")
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the console script and of ``python -m vaeflow``.
 
@@ -101,14 +113,23 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
-    subcommand = next((arg for arg in argv if arg in SUBCOMMANDS), None)
-    before = argv[: argv.index(subcommand)] if subcommand else argv
+    at = subcommand_index(argv)
+    before = argv if at is None else argv[:at]
     if not argv or {"-h", "--help", "--version"} & set(before):
         parser().parse_args(before or ["--help"])  # prints, and exits 0
-    if subcommand == "list":
+    if at is not None and argv[at] not in SUBCOMMANDS:
+        close = difflib.get_close_matches(argv[at], SUBCOMMANDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        print(
+            f"vaeflow: error: unknown subcommand {argv[at]!r}.{hint} The subcommands: "
+            f"{', '.join(SUBCOMMANDS)} (vaeflow --help describes them)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if at is not None and argv[at] == "list":
         from vaeflow import listing
 
-        code = listing.main(argv[argv.index("list") + 1 :])
+        code = listing.main(argv[at + 1 :])
         if code:
             sys.exit(code)
         return
