@@ -181,3 +181,21 @@ def test_the_spawn_launcher_is_configured_and_called_as_this_plumbing_expects() 
     ]
     strategy = lightning_private.SpawnSkippingFinalisation()
     assert strategy._start_method == "spawn"
+
+
+def test_jsonargparse_keeps_the_actions_and_the_known_subclasses_help() -> None:
+    """The help of an option typed with a class ends with the known subclasses, which
+    vaeflow's help replaces by registered names (vaeflow/cli_parser.py)."""
+    from jsonargparse import ArgumentParser
+
+    from vaeflow.likelihoods import GaussianLikelihood, Likelihood
+
+    parser = ArgumentParser()
+    parser.add_argument("--likelihood", type=Likelihood | str, default="bernoulli")
+    (action,) = [a for a in lightning_private.parser_actions(parser) if a.dest == "likelihood"]
+    extra = lightning_private.known_subclasses_help(action)
+    assert extra.startswith(", known subclasses: ")
+    assert f"{GaussianLikelihood.__module__}.GaussianLikelihood" in extra
+    assert " ".join(extra.split()) in " ".join(parser.format_help().split())
+    (help_action,) = [a for a in lightning_private.parser_actions(parser) if a.dest == "help"]
+    assert lightning_private.known_subclasses_help(help_action) == ""

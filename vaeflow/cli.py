@@ -1,237 +1,109 @@
-"""The ``vaeflow`` command: LightningCLI's fit/validate/test/predict, plus ``vaeflow list``."""
+"""The ``vaeflow`` command (and ``python -m vaeflow``).
+
+``vaeflow fit|validate|test|predict`` are LightningCLI's (:mod:`vaeflow.lightning_cli`);
+``vaeflow list`` lists the registries (:mod:`vaeflow.listing`); ``vaeflow --help`` and
+``vaeflow --version`` are answered here. Only the first kind imports Lightning (two thirds of the
+start-up time), so the others answer in about a third of the time of a training command.
+"""
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import importlib.metadata
 import os
-import signal
 import sys
-from pathlib import Path
 from typing import Any
 
-import torch
-from jsonargparse import Namespace
-from jsonargparse.typing import import_object
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import (
-    ArgsType,
-    LightningArgumentParser,
-    LightningCLI,
-    SaveConfigCallback,
-)
-from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from rich.console import Console
-from rich.table import Table
-from typing_extensions import override
+import vaeflow
 
-from vaeflow.callbacks.tracking import config_filename, track_config
-from vaeflow.checkpointing import LAST, model_config, read_checkpoint
-from vaeflow.errors import CheckpointError, ConfigError
-from vaeflow.guards import interrupting_signal
-from vaeflow.registry import REGISTRIES, load_plugins
-from vaeflow.runs import (
-    claim_run_folders,
-    empty_run_folders_removed_on_error,
-    resolve_last,
-    restore_given_versions,
-)
-from vaeflow.steps_per_call import fitting
-from vaeflow.user_errors import check_config_files, explain
-from vaeflow.utils import as_list
-
-#: The default progress bar (see :meth:`VaeflowCLI.before_instantiate_classes`).
-PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
-#: Callbacks every run gets unless its config names one of the same kind: each is cheap, and
-#: together they make a run end safely (see :mod:`vaeflow.guards`, :mod:`vaeflow.checkpointing`).
-SAFETY_CALLBACKS = (
-    "vaeflow.guards.DivergenceGuard",
-    "vaeflow.guards.InterruptCheckpoint",
-    "vaeflow.checkpointing.RandomState",
-)
-#: ``--ckpt_path`` values that name no file (Lightning resolves them).
-CKPT_KEYWORDS = ("best", "hpc", "registry")
 #: Set to 1 (or pass ``--debug``) to see the traceback of a user error.
 DEBUG_VARIABLE = "VAEFLOW_DEBUG"
-#: Where runs go unless ``trainer.default_root_dir`` or a logger says otherwise.
-RUNS_DIR = "runs"
+#: What ``vaeflow --help`` says of vaeflow, and ``vaeflow SUBCOMMAND --help`` of each subcommand
+#: (Lightning's say "Lightning Trainer command line tool" and quote the Trainer's docstrings).
+DESCRIPTION = (
+    "Factor analysis, probabilistic PCA and variational autoencoders with PyTorch Lightning, "
+    "driven from a YAML config: vaeflow fit --config run.yaml"
+)
+SUBCOMMANDS = {
+    "fit": (
+        "Train a model (VAE, FactorAnalysis) on a data module as the config and flags say, in "
+        "a new run folder under runs/; --ckpt_path last continues the latest run."
+    ),
+    "validate": (
+        "Score a model on the validation split: the config's, or a checkpoint's with --ckpt_path."
+    ),
+    "test": (
+        "Score a model on the test split (log-likelihood, ELBO and its parts, bits/dim): the "
+        "config's, or a checkpoint's with --ckpt_path."
+    ),
+    "predict": (
+        "Write the latent codes (posterior means) of the predict data to latents.pt in a run "
+        "folder, from a checkpoint given with --ckpt_path."
+    ),
+    "list": (
+        "List the registered likelihoods, priors and networks (built-in and from plugins), or "
+        "one with its options: vaeflow list likelihood gaussian."
+    ),
+}
+#: Names this module defined before :mod:`vaeflow.lightning_cli` had a module of its own.
+MOVED = frozenset(
+    {
+        "CKPT_KEYWORDS",
+        "PROGRESS_BAR",
+        "RUNS_DIR",
+        "SAFETY_CALLBACKS",
+        "SaveConfig",
+        "VaeflowCLI",
+        "end_process_group",
+        "import_path",
+        "is_class_config",
+        "with_default",
+    }
+)
 
 
-class SaveConfig(SaveConfigCallback):
-    """Lightning's config saver, refusing with a clear message to overwrite an earlier run,
-    writing into the run folder whatever the logger (:func:`~vaeflow.callbacks.run_dir`), and
-    sending the config to the loggers (:func:`~vaeflow.callbacks.tracking.track_config`)."""
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.config_filename = config_filename(trainer)
-        try:
-            super().setup(trainer, pl_module, stage)
-        except RuntimeError as error:
-            path = os.path.join(trainer.log_dir or ".", self.config_filename)
-            raise ConfigError(
-                f"{path} exists from an earlier run, which is kept as it is. Choose a new "
-                "trainer.default_root_dir, or keep a logger (the default), which gives every "
-                "run its own version folder"
-            ) from error
-
-    @override
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        track_config(trainer, self.parser, self.config)
+def version() -> str:
+    """vaeflow's version, with those of Lightning, torch and Python (for bug reports), read
+    from the installed packages' metadata without importing them."""
+    others = ", ".join(
+        f"{name} {importlib.metadata.version(name)}" for name in ("lightning", "torch")
+    )
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"vaeflow {vaeflow.__version__} ({others}, Python {python})"
 
 
-class VaeflowCLI(LightningCLI):
-    """LightningCLI with vaeflow's defaults: any model and data module by class path, the data
-    module's ``dims`` linked into the model's ``input_shape``, runs kept under ``runs/``."""
-
-    def __init__(self, args: ArgsType = None, **kwargs) -> None:
-        trainer_defaults = {
-            "default_root_dir": RUNS_DIR,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": RUNS_DIR, "name": "vaeflow"},
-            },
-            **kwargs.pop("trainer_defaults", {}),
-        }
-        super().__init__(
-            args=args,
-            trainer_defaults=trainer_defaults,
-            save_config_callback=SaveConfig,
-            **kwargs,
-        )
-
-    def fit(self, model: LightningModule, **kwargs: Any) -> None:
-        """``vaeflow fit``: Lightning's fit, wrapped by :func:`~vaeflow.steps_per_call.fitting`
-        (LightningCLI runs a subcommand by the CLI's method of that name where there is one)."""
-        with fitting(model):
-            self.trainer.fit(model, **kwargs)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.dims", "model.init_args.input_shape", apply_on="instantiate")
-        # Bits per dimension on the data's original grid. jsonargparse skips the link for a
-        # model without ``data_log_scale`` or a data module without ``log_scale``.
-        parser.link_arguments(
-            "data.log_scale", "model.init_args.data_log_scale", apply_on="instantiate"
-        )
-
-    @override
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """A parser that raises on a mistake instead of printing its usage (50 lines) first:
-        :func:`main` prints the mistake, then a one-line hint."""
-        kwargs.setdefault("exit_on_error", False)
-        return super().init_parser(**kwargs)
-
-    @override
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, then settle ``--ckpt_path``: ``last`` is the latest run's ``last.ckpt``; a
-        file is checked and read safely, and the model it is used as decided from it and the
-        config (:func:`~vaeflow.checkpointing.model_config`), before Lightning reads it."""
-        super().parse_arguments(parser, args)
-        self._checkpoint_model = self._checkpoint_input_shape = None
-        self._given_versions: list[tuple[Namespace, int | str | None]] = []
-        subcommand = self.config.get("subcommand")
-        if subcommand is None:
-            return
-        config = self.config[subcommand]
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path == LAST:
-            ckpt_path = config.ckpt_path = resolve_last(config.trainer, subcommand)
-        if ckpt_path is None or ckpt_path in (LAST, *CKPT_KEYWORDS):
-            return
-        checkpoint = read_checkpoint(ckpt_path)
-        model = config.get("model")
-        class_path = model.class_path if model is not None else None
-        init_args = model.init_args.as_dict() if model is not None and model.init_args else {}
-        class_path, init_args = model_config(checkpoint, Path(ckpt_path), class_path, init_args)
-        self.config = parser.parse_object(
-            {subcommand: {"model": {"class_path": class_path, "init_args": init_args}}},
-            self.config,
-        )
-        self._checkpoint_model = self.config[subcommand].model.clone()
-        self._checkpoint_input_shape = checkpoint.get("hyper_parameters", {}).get("input_shape")
-
-    @override
-    def before_instantiate_classes(self) -> None:
-        """Add the default callbacks and the atomic checkpoint writer, use the model settled by
-        :meth:`parse_arguments` (Lightning has merged the checkpoint's settings over the config
-        meanwhile), and claim the run's folder."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = config.trainer
-        callbacks = as_list(trainer.callbacks)
-        if trainer.enable_progress_bar is not False:
-            # Lightning's default (rich) bar does work on every step, about a tenth of a small
-            # model's step on the CPU (benchmarks/vae_mnist.py): this one redraws every 25.
-            callbacks = with_default(callbacks, ProgressBar, PROGRESS_BAR, refresh_rate=25)
-        if trainer.enable_checkpointing is not False:
-            # save_last: what --ckpt_path last resumes from
-            callbacks = with_default(
-                callbacks, ModelCheckpoint, import_path(ModelCheckpoint), save_last=True
-            )
-        for class_path in SAFETY_CALLBACKS:
-            callbacks = with_default(callbacks, import_object(class_path), class_path)
-        trainer.callbacks = callbacks
-        plugins = as_list(trainer.plugins)
-        if not any(is_class_config(p, CheckpointIO) for p in plugins):
-            trainer.plugins = [
-                *plugins,
-                Namespace(class_path="vaeflow.checkpointing.AtomicCheckpointIO"),
-            ]
-        if self._checkpoint_model is not None:
-            config.model = self._checkpoint_model
-        if self.subcommand is not None and not trainer.fast_dev_run:
-            self._given_versions = claim_run_folders(trainer)
-
-    @override
-    def after_instantiate_classes(self) -> None:
-        """Refuse a checkpoint of data of another shape than the data module's; take the
-        claimed run versions out of the config that the run saves."""
-        super().after_instantiate_classes()
-        restore_given_versions(self._given_versions)
-        expected = self._checkpoint_input_shape
-        shape = getattr(self.model, "hparams", {}).get("input_shape")
-        if None not in (expected, shape) and tuple(expected) != tuple(shape):
-            raise CheckpointError(
-                f"the checkpoint's model takes examples of shape {tuple(expected)}, but the "
-                f"data module gives examples of shape {tuple(shape)}: use the data the "
-                "checkpoint was trained on (config.yaml in its run folder)"
-            )
+def parser() -> argparse.ArgumentParser:
+    """The parser of ``vaeflow --help`` and ``vaeflow --version``: every subcommand with its
+    whole description (each subcommand parses its own arguments)."""
+    result = argparse.ArgumentParser(
+        prog="vaeflow",
+        description=DESCRIPTION,
+        epilog=(
+            "vaeflow SUBCOMMAND --help shows a subcommand's options; vaeflow fit --help those "
+            f"of every model and data module vaeflow ships. --debug (or {DEBUG_VARIABLE}=1) "
+            "shows the traceback of an error."
+        ),
+    )
+    result.add_argument("--version", action="version", version=version())
+    subcommands = result.add_subparsers(title="subcommands", metavar="SUBCOMMAND")
+    for name, text in SUBCOMMANDS.items():
+        subcommands.add_parser(name, help=text, add_help=False)
+    return result
 
 
-def is_class_config(value: Any, base: type) -> bool:
-    """Whether a config entry (a class-path block or an object) is of class ``base``."""
-    if isinstance(value, Namespace) and "class_path" in value:
-        return issubclass(import_object(value.class_path), base)
-    return isinstance(value, base)
+def subcommand_index(argv: list[str]) -> int | None:
+    """Where the subcommand is in ``argv``: the first argument that is neither an option nor
+    the file of a top-level ``-c``/``--config`` (LightningCLI's ``vaeflow -c run.yaml fit``)."""
+    after_config = False
+    for index, arg in enumerate(argv):
+        if not after_config and not arg.startswith("-"):
+            return index
+        after_config = arg in ("-c", "--config")
+    return None
 
 
-def with_default(callbacks: list[Any], base: type, class_path: str, **init_args: Any) -> list[Any]:
-    """``callbacks`` plus a ``class_path`` callback, unless one of class ``base`` is there."""
-    if any(is_class_config(callback, base) for callback in callbacks):
-        return callbacks
-    return [*callbacks, Namespace(class_path=class_path, init_args=Namespace(**init_args))]
-
-
-def import_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def print_registries() -> None:
-    """``vaeflow list``: every registered likelihood, prior and net, built-in or from plugins,
-    with the installed package each comes from."""
-    failed = load_plugins(REGISTRIES)
-    console = Console()
-    for registry in REGISTRIES:
-        table = Table(title=f"{registry.kind}s ({registry.group})", title_justify="left")
-        for column in ("name", "class", "package", "description"):
-            table.add_column(column)
-        for name, path, summary in registry.describe():
-            table.add_row(name, path, registry.source(name), summary)
-        console.print(table)
-    for name, error in failed.items():
-        console.print(f"[red]plugin {name!r} failed to load:[/red] {error}")
-
-
-def main(args: ArgsType = None) -> None:
+def main(args: list[str] | None = None) -> None:
     """Entry point of the console script and of ``python -m vaeflow``.
 
     Exit codes: 0 done; 2 a mistake in the input (or a diverged training run), printed without
@@ -241,39 +113,35 @@ def main(args: ArgsType = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
-    if argv[:1] == ["list"]:
-        print_registries()
-        return
-    load_plugins()
-    try:
-        check_config_files(argv)
-        if args is None:  # LightningCLI reads sys.argv (and DDP relaunches it): without --debug
-            sys.argv[1:] = argv
-        with empty_run_folders_removed_on_error():
-            cli = VaeflowCLI(args=None if args is None else argv)
-    except SIGTERMException:  # Lightning's stop at SIGTERM; last.ckpt is written
-        sys.exit(128 + signal.SIGTERM)
-    except Exception as error:
-        message = None if debug else explain(error)
-        if message is None:
-            raise
-        subcommand = next((arg for arg in argv if not arg.startswith("-")), "fit")
+    at = subcommand_index(argv)
+    before = argv if at is None else argv[:at]
+    if not argv or {"-h", "--help", "--version"} & set(before):
+        parser().parse_args(before or ["--help"])  # prints, and exits 0
+    if at is not None and argv[at] not in SUBCOMMANDS:
+        close = difflib.get_close_matches(argv[at], SUBCOMMANDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         print(
-            f"vaeflow: error: {message}\n(vaeflow {subcommand} --help lists the options; "
-            "--debug shows the traceback)",
+            f"vaeflow: error: unknown subcommand {argv[at]!r}.{hint} The subcommands: "
+            f"{', '.join(SUBCOMMANDS)} (vaeflow --help describes them)",
             file=sys.stderr,
         )
         sys.exit(2)
-    end_process_group()
-    stopped = interrupting_signal(cli.trainer) if cli.subcommand else None
-    if stopped is not None:
-        sys.exit(128 + stopped)
+    if at is not None and argv[at] == "list":
+        from vaeflow import listing
+
+        code = listing.main(argv[at + 1 :])
+        if code:
+            sys.exit(code)
+        return
+    from vaeflow.lightning_cli import run
+
+    run(argv, debug=debug, from_sys_argv=args is None)
 
 
-def end_process_group() -> None:
-    """Close the process group of a multi-process run (``ddp``, torchrun, SLURM) while Python
-    still runs: Lightning closes it only for NCCL, and with gloo's left open a finished run
-    now and then aborts in interpreter finalisation ("terminate called without an active
-    exception", exit 134), which torchrun and SLURM would report as a failed job."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def __getattr__(name: str) -> Any:
+    """``from vaeflow.cli import VaeflowCLI`` as before it moved, importing Lightning only then."""
+    if name in MOVED:
+        from vaeflow import lightning_cli
+
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

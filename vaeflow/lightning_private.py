@@ -1,15 +1,18 @@
 """Lightning plumbing: everything vaeflow relies on beyond Lightning's public API, in one place.
 
 Each name here touches Lightning state that Lightning does not promise to keep: attributes with
-a leading underscore, the texts of its warnings, an environment variable it sets on import.
-Nothing else in vaeflow touches them. ``tests/test_lightning_private.py`` checks every one
-against the installed Lightning and fails loudly when a release changes it, and pyproject.toml
-pins Lightning to :data:`VERIFIED`, the releases these were checked on: to move the pin, run
-that test on the new release and mend what it finds here.
+a leading underscore, the texts of its warnings, an environment variable it sets on import; and
+two such things of jsonargparse, the parser Lightning's CLI is built on (:func:`parser_actions`,
+:func:`known_subclasses_help`). Nothing else in vaeflow touches them.
+``tests/test_lightning_private.py`` checks every one against the installed Lightning (and
+jsonargparse) and fails loudly when a release changes it, and pyproject.toml pins Lightning to
+:data:`VERIFIED`, the releases these were checked on: to move the pin, run that test on the new
+release and mend what it finds here.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -112,3 +115,17 @@ class _LauncherSkippingFinalisation(_MultiProcessingLauncher):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The options of a parser (argparse's and so jsonargparse's keep them in ``_actions``), to
+    find the one a class argument added."""
+    return parser._actions
+
+
+def known_subclasses_help(action: argparse.Action) -> str:
+    """The ``, known subclasses: ...`` that jsonargparse's help appends to an option typed with a
+    class (its ``ActionTypeHint.extra_help``), to be replaced by the registered names; "" for
+    an option of another type."""
+    extra_help = getattr(action, "extra_help", None)
+    return extra_help() if callable(extra_help) else ""

@@ -13,10 +13,15 @@ class that renames or drops an argument could not be reloaded; registration chec
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
+import functools
+import importlib
 import importlib.metadata
 import inspect
 import os
+import types
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -37,11 +42,16 @@ class Registry(Generic[T]):
     Args:
         kind: what is registered, for messages ("likelihood").
         group: the entry-point group plugins use ("vaeflow.likelihoods").
+        base: import path of the class every entry is (or, for factories, returns), so that
+            the command line knows which parameters take this registry's names
+            (:func:`registry_of`); imported only when asked, as the base's module registers
+            its own classes here.
     """
 
-    def __init__(self, kind: str, group: str) -> None:
+    def __init__(self, kind: str, group: str, base: str | None = None) -> None:
         self.kind = kind
         self.group = group
+        self.base = base
         self._classes: dict[str, type[T]] = {}
         self._distributions: dict[str, importlib.metadata.Distribution] = {}  # of entry points
         self._plugins_loaded = False
@@ -123,11 +133,23 @@ class Registry(Generic[T]):
         return sorted(self._classes)
 
     def describe(self) -> Iterator[tuple[str, str, str]]:
-        """(name, import path, first line of the docstring) for every registered class."""
+        """(name, import path, summary) for every registered class: the summary is the
+        docstring's first paragraph on one line (its first line may end mid-sentence)."""
         for name in self.names():
-            cls = self._classes[name]
-            summary = (inspect.getdoc(cls) or "").partition("\n")[0]
-            yield name, f"{cls.__module__}.{cls.__qualname__}", summary
+            yield name, self.class_path(name), summary(self._classes[name])
+
+    def class_path(self, name: str) -> str:
+        """The import path of the class registered under ``name`` (what a ``class_path`` in
+        YAML names)."""
+        cls = self.get(name)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def base_class(self) -> type | None:
+        """The class :attr:`base` names, or None for a registry without one."""
+        if self.base is None:
+            return None
+        module, _, name = self.base.rpartition(".")
+        return getattr(importlib.import_module(module), name)
 
     def source(self, name: str) -> str:
         """The installed package (distribution) ``name`` comes from, with its version: the
@@ -136,7 +158,7 @@ class Registry(Generic[T]):
         if distribution is not None:
             return f"{distribution.name} {distribution.version}"
         module = self.get(name).__module__
-        names = importlib.metadata.packages_distributions().get(module.partition(".")[0], [])
+        names = module_distributions(module.partition(".")[0])
         if not names:
             return f"{module} (not an installed package)"
         return f"{names[0]} {importlib.metadata.version(names[0])}"
@@ -145,15 +167,23 @@ class Registry(Generic[T]):
         return name in self.names()
 
 
-LIKELIHOODS: Registry = Registry("likelihood", "vaeflow.likelihoods")
-PRIORS: Registry = Registry("prior", "vaeflow.priors")
+LIKELIHOODS: Registry = Registry(
+    "likelihood", "vaeflow.likelihoods", base="vaeflow.likelihoods.Likelihood"
+)
+PRIORS: Registry = Registry("prior", "vaeflow.priors", base="vaeflow.priors.Prior")
 #: encoder and decoder networks: ``nn.Module`` classes built as ``cls(input_shape,
 #: output_shape, **init_args)`` (see :mod:`vaeflow.nets`).
-NETS: Registry = Registry("net", "vaeflow.nets")
+NETS: Registry = Registry("net", "vaeflow.nets", base="torch.nn.Module")
 REGISTRIES = (LIKELIHOODS, PRIORS, NETS)
 register_likelihood = LIKELIHOODS.register
 register_prior = PRIORS.register
 register_net = NETS.register
+
+
+def summary(obj: Any) -> str:
+    """The first paragraph of ``obj``'s docstring on one line (its first line may end
+    mid-sentence)."""
+    return " ".join((inspect.getdoc(obj) or "").partition("\n\n")[0].split())
 
 
 def init_parameters(cls: type) -> list[inspect.Parameter]:
@@ -190,3 +220,42 @@ def check_init_attributes(kind: str, name: str, cls: type) -> None:
 def load_plugins(registries: tuple[Registry, ...] = REGISTRIES) -> dict[str, str]:
     """Load every plugin of ``registries``; return ``{name: error}`` for those that failed."""
     return {name: error for r in registries for name, error in r.load_plugins().items()}
+
+
+def module_distributions(top_level: str) -> list[str]:
+    """The installed distributions that provide the top-level module ``top_level``: the one of
+    the same name when there is one (one metadata read), else from the map of every installed
+    distribution's files, which takes seconds to build (:func:`all_module_distributions`)."""
+    try:
+        return [importlib.metadata.distribution(top_level).name]
+    except importlib.metadata.PackageNotFoundError:
+        return all_module_distributions().get(top_level, [])
+
+
+@functools.cache
+def all_module_distributions() -> dict[str, list[str]]:
+    """``importlib.metadata.packages_distributions()``, built once per process."""
+    return importlib.metadata.packages_distributions()
+
+
+def registry_of(annotation: Any, registries: tuple[Registry, ...] = REGISTRIES) -> Registry | None:
+    """The registry whose names a parameter of this type annotation takes: one that also
+    accepts ``str`` and a class of the registry's :attr:`~Registry.base` (``Likelihood | str``)
+    or a factory returning one (``str | Callable[..., nn.Module]``). The first match wins, so
+    registries of narrower bases come first in ``registries``."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    members = typing.get_args(annotation)
+    if str not in members:
+        return None
+    classes = []
+    for member in members:
+        if typing.get_origin(member) is collections.abc.Callable:
+            member = typing.get_args(member)[-1]
+        if inspect.isclass(member):
+            classes.append(member)
+    for registry in registries:
+        base = registry.base_class()
+        if base is not None and any(issubclass(c, base) for c in classes):
+            return registry
+    return None

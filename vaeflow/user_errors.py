@@ -53,11 +53,12 @@ def parser_message(message: str) -> str:
         indent = min(len(line) - len(line.lstrip()) for line in lines[1:])
         lines = [lines[0], *("  " + line[indent:] for line in lines[1:])]
     text = re.sub(r"<class '([\w.]+)'>", r"\1", "\n".join(lines))
-    owner = re.search(r"class_path '([\w.]+)'", text)
     unknown = re.search(r"Option '(\w+)' is not accepted", text)
-    if owner and unknown:
+    # the class whose option it is: the innermost class_path named before it
+    owners = re.findall(r"class_path '([\w.]+)'", text[: unknown.start()] if unknown else "")
+    if owners and unknown:
         try:
-            names = list(inspect.signature(import_object(owner.group(1))).parameters)
+            names = list(inspect.signature(import_object(owners[-1])).parameters)
         except (ImportError, AttributeError, ValueError, TypeError):
             names = []
         close = difflib.get_close_matches(unknown.group(1), names, n=1)
