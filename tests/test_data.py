@@ -769,3 +769,22 @@ def test_loading_a_large_array_costs_a_small_fraction_of_a_fit(tmp_path: Path) -
         ArrayDataModule(str(path)).setup()
         times.append(time.perf_counter() - start)
     assert min(times) < 0.3, times
+
+
+def test_without_val_fraction_the_model_decides(tmp_path: Path) -> None:
+    """Factor analysis fits every row; a VAE (a model that states nothing) holds out a tenth;
+    an explicit ``val_fraction`` wins over both."""
+    from vaeflow.models import VAE, FactorAnalysis
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(100, 4)))
+
+    def validation_rows(model: LightningModule | None, **options: float) -> int:
+        module = ArrayDataModule(str(tmp_path / "x.npy"), **options)
+        module.trainer = SimpleNamespace(lightning_module=model)
+        module.setup()
+        return len(module.splits["val"])
+
+    assert validation_rows(FactorAnalysis((4,), latent_dim=1)) == 0
+    assert validation_rows(VAE((4,), latent_dim=1)) == 10
+    assert validation_rows(None) == 10
+    assert validation_rows(FactorAnalysis((4,), latent_dim=1), val_fraction=0.2) == 20

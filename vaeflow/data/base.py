@@ -40,6 +40,10 @@ def check_fraction(name: str, value: float) -> None:
         raise DataError(f"{name} must be in [0, 1), got {value}")
 
 
+#: The validation fraction of a model that states none (a VAE): a tenth of the training rows.
+DEFAULT_VAL_FRACTION = 0.1
+
+
 class InMemoryDataModule(LightningDataModule):
     """Base class of vaeflow's data modules: the whole data set lives in memory as one tensor.
 
@@ -51,6 +55,9 @@ class InMemoryDataModule(LightningDataModule):
     Args:
         batch_size: examples per training batch (evaluation uses the same).
         val_fraction: fraction of the training set held out for validation (0 disables it).
+            None (the default) leaves it to the model (``default_val_fraction``): factor
+            analysis fits every row (0), other models hold out 0.1, as does a data module set
+            up before a model is attached.
         seed: seed of the validation split, of every noise draw and of the shuffling.
         shuffle: shuffle the training set every epoch. A model whose passes do not depend on
             example order (``order_free_passes``, e.g. factor analysis) always gets the data in
@@ -72,7 +79,7 @@ class InMemoryDataModule(LightningDataModule):
     def __init__(
         self,
         batch_size: int = 100,
-        val_fraction: float = 0.1,
+        val_fraction: float | None = None,
         seed: int = 0,
         shuffle: bool = True,
         scale: bool = True,
@@ -85,7 +92,8 @@ class InMemoryDataModule(LightningDataModule):
             raise DataError(f"batch_size must be a positive integer, got {batch_size}")
         if seed < 0:
             raise DataError(f"seed must be a non-negative integer, got {seed}")
-        check_fraction("val_fraction", val_fraction)
+        if val_fraction is not None:
+            check_fraction("val_fraction", val_fraction)
         if binarize != "none" and not scale:
             raise DataError("binarize needs the data in [0, 1]: set scale: true")
         self.batch_size = batch_size
@@ -222,6 +230,15 @@ class InMemoryDataModule(LightningDataModule):
             for index, split in enumerate(SPLITS)
         }
 
+    @property
+    def validation_fraction(self) -> float:
+        """``val_fraction``, or where it is None the attached model's ``default_val_fraction``
+        (:data:`DEFAULT_VAL_FRACTION` for a model without one, or without a model)."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(model, "default_val_fraction", DEFAULT_VAL_FRACTION)
+
     def _split_rows(self, size: int, carve_test: bool) -> dict[Split, Tensor]:
         """Sorted row numbers of each split of the training data's ``size`` rows: a test split
         held out with a fixed seed when the data come without one, then a validation split with
@@ -229,7 +246,7 @@ class InMemoryDataModule(LightningDataModule):
         rows, test = np.arange(size), np.arange(0)
         if carve_test:
             rows, test = hold_out(rows, self.test_fraction, TEST_SPLIT_SEED)
-        train, val = hold_out(rows, self.val_fraction, self.seed)
+        train, val = hold_out(rows, self.validation_fraction, self.seed)
         return {
             "train": torch.from_numpy(train),
             "val": torch.from_numpy(val),
@@ -286,8 +303,8 @@ class InMemoryDataModule(LightningDataModule):
 
     @override
     def val_dataloader(self) -> TensorLoader | list:
-        """No loader (validation off) when ``val_fraction`` is 0."""
-        return self._loader("val") if self.val_fraction > 0 else []
+        """No loader (validation off) when the validation fraction is 0."""
+        return self._loader("val") if self.validation_fraction > 0 else []
 
     @override
     def test_dataloader(self) -> TensorLoader:

@@ -126,6 +126,9 @@ class FactorAnalysis(LightningModule):
     #: EM's sums do not depend on the order of the examples: data modules serve large
     #: contiguous batches (views) whatever ``batch_size`` says.
     order_free_passes: ClassVar[bool] = True
+    #: A data module without an explicit ``val_fraction`` gives factor analysis every row: the
+    #: maximum-likelihood fit is of all the data, and a validation split is a check to ask for.
+    default_val_fraction: ClassVar[float] = 0.0
 
     def __init__(
         self,
