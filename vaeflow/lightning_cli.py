@@ -14,7 +14,7 @@ import torch
 from jsonargparse import Namespace
 from jsonargparse.typing import import_object
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import (
     ArgsType,
     LightningArgumentParser,
@@ -26,10 +26,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from vaeflow import data, models
-from vaeflow.callbacks.tracking import config_filename, track_config
+from vaeflow.callbacks.tracking import config_filename, run_dir, track_config
 from vaeflow.checkpointing import LAST, model_config, read_checkpoint
 from vaeflow.cli import DESCRIPTION, SUBCOMMANDS
 from vaeflow.cli_parser import VaeflowArgumentParser
+from vaeflow.console import closing_lines, quiet_run
 from vaeflow.errors import CheckpointError, ConfigError
 from vaeflow.guards import interrupting_signal
 from vaeflow.registry import load_plugins
@@ -191,6 +192,8 @@ class VaeflowCLI(LightningCLI):
             callbacks = with_default(
                 callbacks, ModelCheckpoint, import_path(ModelCheckpoint), save_last=True
             )
+        if trainer.enable_model_summary is not False:
+            callbacks = with_default(callbacks, ModelSummary, "vaeflow.console.ModelSummary")
         for class_path in SAFETY_CALLBACKS:
             callbacks = with_default(callbacks, import_object(class_path), class_path)
         trainer.callbacks = callbacks
@@ -257,7 +260,7 @@ def run(argv: list[str], *, debug: bool, from_sys_argv: bool) -> None:
         check_config_files(argv)
         if from_sys_argv:
             sys.argv[1:] = argv
-        with empty_run_folders_removed_on_error():
+        with empty_run_folders_removed_on_error(), quiet_run():
             cli = VaeflowCLI(args=None if from_sys_argv else argv)
     except SIGTERMException:  # Lightning's stop at SIGTERM; last.ckpt is written
         sys.exit(128 + signal.SIGTERM)
@@ -272,8 +275,12 @@ def run(argv: list[str], *, debug: bool, from_sys_argv: bool) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    end_process_group()
     stopped = interrupting_signal(cli.trainer) if cli.subcommand else None
+    if cli.subcommand and stopped is None:
+        folder = run_dir(cli.trainer)  # collective: every process calls it
+        if cli.trainer.is_global_zero:
+            print("\n".join(closing_lines(cli.trainer, cli.subcommand, folder)))
+    end_process_group()
     if stopped is not None:
         sys.exit(128 + stopped)
 
