@@ -3,6 +3,7 @@ reached."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -42,3 +43,47 @@ def test_the_quickstart_prints_only_lines_about_the_run(tmp_path: Path) -> None:
     assert closing[1].startswith("best checkpoint: runs/quickstart/version_0/checkpoints/")
     assert closing[2] == "last checkpoint: runs/quickstart/version_0/checkpoints/last.ckpt"
     assert re.search(r"val/elbo -\d+\.\d{4}", closing[3])
+
+
+def vaeflow(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vaeflow", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+def test_a_model_without_data_is_a_message(tmp_path: Path) -> None:
+    result = vaeflow(["fit", "--model", "VAE"], tmp_path, **os.environ)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "vaeflow: error: no data: give a data module, e.g. --data DigitsDataModule" in (
+        result.stderr
+    )
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.yaml"))
+
+
+def test_weights_and_biases_without_an_account_is_a_message(tmp_path: Path) -> None:
+    """configs/logging/wandb.yaml with no API key and no WANDB_MODE: log in, or go offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    config = str(REPO / "configs" / "quickstart.yaml")
+    logging = str(REPO / "configs" / "logging" / "wandb.yaml")
+    args = ["fit", "--config", config, "--config", logging, "--trainer.max_epochs", "1"]
+    result = vaeflow(args, tmp_path, **{**env, "HOME": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "vaeflow: error: Weights & Biases needs an account" in result.stderr
+    assert "WANDB_MODE=offline" in result.stderr
+
+
+def test_a_missing_optional_package_names_its_extra() -> None:
+    """Lightning's TensorBoard logger without tensorboard installed says so in its message."""
+    from vaeflow.user_errors import explain
+
+    error = ModuleNotFoundError("Neither `tensorboard` nor `tensorboardX` is available.")
+    assert explain(RuntimeError("while building the logger")) is None
+    wrapped = RuntimeError("while building the logger")
+    wrapped.__cause__ = error
+    assert explain(wrapped) == (
+        'this config needs a package that is not installed: pip install "vaeflow[tensorboard]"'
+    )

@@ -35,6 +35,7 @@ QUIET_WARNINGS = (
     r"It is recommended to use `self\.log\(.*sync_dist=True",  # vaeflow reduces its metrics
     r"Total length of `\w+` across ranks is zero",  # val_fraction: 0
     r"You are using `torch\.load` with `weights_only=False`",
+    r"No seed found, seed set to",  # "Seed set to 0" follows
 )
 #: Lightning's info lines that do not concern the run.
 QUIET_INFO = (

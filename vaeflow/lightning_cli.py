@@ -181,6 +181,11 @@ class VaeflowCLI(LightningCLI):
         :meth:`parse_arguments` (Lightning has merged the checkpoint's settings over the config
         meanwhile), and claim the run's folder."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("data") is None:
+            raise ConfigError(
+                "no data: give a data module, e.g. --data DigitsDataModule, or a config with a "
+                "data: block (configs/quickstart.yaml has one); vaeflow fit --help lists them"
+            )
         trainer = config.trainer
         callbacks = as_list(trainer.callbacks)
         if trainer.enable_progress_bar is not False:

@@ -22,6 +22,10 @@ PARSER_NOISE = re.compile(
 )
 
 
+#: Packages of the optional extras (pyproject.toml), by the module name a config imports.
+OPTIONAL_EXTRAS = {"wandb": "wandb", "tensorboard": "tensorboard", "tensorboardX": "tensorboard"}
+
+
 def explain(error: BaseException) -> str | None:
     """The message for an error the user can fix, or None for anything else (a bug)."""
     cause: BaseException | None = error
@@ -30,6 +34,18 @@ def explain(error: BaseException) -> str | None:
             return str(cause)
         if isinstance(cause, ArgumentError):
             return parser_message(str(cause))
+        if type(cause).__module__.startswith("wandb") and "API key" in str(cause):
+            return (
+                f"Weights & Biases needs an account: {str(cause).rstrip('.')}. Run `wandb "
+                "login`, or set "
+                "WANDB_MODE=offline to keep the run on this machine (`wandb sync` uploads it "
+                "later)"
+            )
+        extra = missing_extra(cause)
+        if extra is not None:
+            return (
+                f'this config needs a package that is not installed: pip install "vaeflow[{extra}]"'
+            )
         if isinstance(cause, ValueError | TypeError) and raised_in_torch_optim(cause):
             return (
                 f"the optimiser or learning-rate scheduler refused its settings: {cause}. Fix "
@@ -38,6 +54,15 @@ def explain(error: BaseException) -> str | None:
             )
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def missing_extra(error: BaseException) -> str | None:
+    """The optional extra whose package ``error`` says is missing (Lightning's TensorBoard
+    logger names the package in its message only)."""
+    if not isinstance(error, ModuleNotFoundError):
+        return None
+    text = f"{error.name} {error}"
+    return next((extra for module, extra in OPTIONAL_EXTRAS.items() if module in text), None)
 
 
 def raised_in_torch_optim(error: BaseException) -> bool:
