@@ -87,3 +87,34 @@ def test_a_missing_optional_package_names_its_extra() -> None:
     assert explain(wrapped) == (
         'this config needs a package that is not installed: pip install "vaeflow[tensorboard]"'
     )
+
+
+def test_a_loaded_model_takes_what_users_hold_and_is_ready_for_inference(tmp_path: Path) -> None:
+    """The README's snippet: load_from_checkpoint, then float64 tensors and NumPy arrays in,
+    ``.numpy()`` out, without torch.no_grad (eval mode builds no graph)."""
+    import numpy as np
+    import torch
+    from lightning.pytorch import Trainer
+
+    from vaeflow.data import DigitsDataModule
+    from vaeflow.models import VAE, FactorAnalysis
+
+    data = DigitsDataModule(batch_size=256)
+    for model in (VAE(data.dims, latent_dim=2), FactorAnalysis(data.dims, latent_dim=3)):
+        trainer = Trainer(
+            max_epochs=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False
+        )
+        trainer.fit(model, data)
+        path = tmp_path / f"{type(model).__name__}.ckpt"
+        trainer.save_checkpoint(path)
+        loaded = type(model).load_from_checkpoint(path)
+        assert not loaded.training
+        x = np.random.default_rng(0).random((5, 64))  # float64 NumPy
+        if isinstance(loaded, VAE):
+            codes = loaded.encode(x).mean.numpy()
+            bound = loaded.elbo(torch.from_numpy(x)).numpy()
+            assert codes.shape == (5, 2) and bound.shape == (5,)
+        else:
+            means, _ = loaded.posterior(x)
+            assert means.numpy().shape == (5, 3)
+            assert loaded.log_likelihood(x).numpy().shape == (5,)

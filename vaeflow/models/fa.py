@@ -13,8 +13,9 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -32,6 +33,7 @@ from vaeflow.models.fa_math import (
     posterior_covariance,
     posterior_mean,
 )
+from vaeflow.models.loading import ReadyForInference
 
 #: Smallest ``noise_floor``: the rounding of the covariance S (relative ~1e-16 times the growth
 #: of its sums) is divided by the floor in the log-likelihood. Measured on 500 examples with a
@@ -62,7 +64,7 @@ class EMStepCounter(Optimizer):
         return None
 
 
-class FactorAnalysis(LightningModule):
+class FactorAnalysis(ReadyForInference):
     """Factor analysis (diagonal noise) or probabilistic PCA (isotropic noise), fitted by EM.
 
     Each training pass over the data is exact EM: the E-step statistics are summed in float64
@@ -210,7 +212,10 @@ class FactorAnalysis(LightningModule):
 
     # -- inference under the current parameters ---------------------------------------------
 
-    def _centred(self, x: Tensor) -> Tensor:
+    def _centred(self, x: Tensor | np.ndarray) -> Tensor:
+        """x (N x ...) minus the mean, as a float64 tensor on the model's device: users hold
+        tensors of any float type and NumPy arrays."""
+        x = torch.as_tensor(x)
         return x.reshape(len(x), -1).to(self.mean) - self.mean
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ from vaeflow.errors import ConfigError
 from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood, bounded_scale, check_scale_range
 from vaeflow.metrics import EpochMeans, bits_per_dim
+from vaeflow.models.loading import ReadyForInference
 from vaeflow.nets import NetFactory, build_net
 from vaeflow.priors import (
     DiagonalNormal,
@@ -105,7 +106,7 @@ def at_least_float32(outputs: Tensor) -> Tensor:
     return outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
 
 
-class VAE(SteppedModule):
+class VAE(ReadyForInference, SteppedModule):
     """Variational autoencoder with injectable likelihood, prior, encoder and decoder.
 
     Args:
@@ -242,15 +243,22 @@ class VAE(SteppedModule):
         x = torch.as_tensor(x, device=self.device)
         return x.to(self.dtype) if x.is_floating_point() and x.dtype != self.dtype else x
 
+    def gradients(self) -> torch.set_grad_enabled:
+        """Autograd for the public methods: off in eval mode, so that a model loaded for
+        inference gives tensors that ``.numpy()`` takes (training runs in train mode)."""
+        return torch.set_grad_enabled(self.training and torch.is_grad_enabled())
+
     def encode(self, x: Tensor) -> Distribution:
         """q(z | x): a diagonal Gaussian with event shape ``(latent_dim,)``."""
         x = self.as_input(x)
-        loc, raw_scale = at_least_float32(self.encoder(x)).chunk(2, dim=-1)
-        return DiagonalNormal(loc, bounded_scale(raw_scale, *self.posterior_scale_range))
+        with self.gradients():
+            loc, raw_scale = at_least_float32(self.encoder(x)).chunk(2, dim=-1)
+            return DiagonalNormal(loc, bounded_scale(raw_scale, *self.posterior_scale_range))
 
     def decode(self, z: Tensor) -> Distribution:
         """p(x | z), batched over the leading dimensions of ``z`` (samples, examples)."""
-        return self.likelihood(self.decoder_outputs(z))
+        with self.gradients():
+            return self.likelihood(self.decoder_outputs(z))
 
     def decoder_outputs(self, z: Tensor) -> Tensor:
         """The decoder's outputs for ``z``, whose leading dimensions it sees as one batch."""
@@ -308,7 +316,8 @@ class VAE(SteppedModule):
         posterior widened by 20% of a linear-Gaussian model, ``monte_carlo`` has the smaller
         variance; on an untrained digits VAE, ``analytic_kl`` has.
         """
-        return self.elbo_terms(x, num_samples, estimator)[0]
+        with self.gradients():
+            return self.elbo_terms(x, num_samples, estimator)[0]
 
     def log_importance_weights(
         self, x: Tensor, num_samples: int, reparameterized: bool = False, dreg: bool = False
