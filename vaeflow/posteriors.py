@@ -47,7 +47,7 @@ from vaeflow.registry import register_posterior
 from vaeflow.utils import at_least_float32
 
 #: samples whose mean is a flow's ``mean`` (it has no closed form): its standard error is the
-#: posterior's standard deviation / 16, drawn from a fixed stream so that repeated calls agree.
+#: posterior's standard deviation / 16 (:class:`FlowDistribution`).
 MEAN_SAMPLES = 256
 #: halvings of the bracket when a planar step is inverted: 2^-64 of its width is below float64's
 #: resolution.
@@ -209,17 +209,27 @@ def _kl_full_gaussian_standard_normal(p: MultivariateNormal, q: StandardDiagonal
 
 
 class FlowDistribution(TransformedDistribution):
-    """A normalising flow over a diagonal Gaussian; ``mean`` is the mean of
-    :data:`MEAN_SAMPLES` samples (a flow has no closed-form mean), from a fixed random stream
-    that leaves the caller's untouched."""
+    """A normalising flow over a diagonal Gaussian (``base_dist``).
+
+    ``mean`` is the mean of :data:`MEAN_SAMPLES` samples, as a flow has no closed-form mean.
+    They take common random numbers, the same base noise for every example from a generator of
+    their own (seed 0): repeated calls agree, an example's code does not depend on the batch it
+    comes in (``vaeflow predict`` batches), and the caller's random stream is left alone.
+    """
 
     @property
     def mean(self) -> Tensor:
-        device = self.base_dist.mean.device
-        devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
-            return self.sample((MEAN_SAMPLES,)).mean(0)
+        base = self.base_dist
+        loc = base.mean
+        generator = torch.Generator(device=loc.device).manual_seed(0)
+        shape = (MEAN_SAMPLES, *(1,) * len(self.batch_shape), *self.event_shape)
+        with torch.no_grad():
+            z = loc + base.stddev * torch.randn(
+                shape, generator=generator, dtype=loc.dtype, device=loc.device
+            )
+            for transform in self.transforms:
+                z = transform(z)
+            return z.mean(0)
 
 
 class FlowStep(Transform):
