@@ -120,7 +120,7 @@ class Posterior(nn.Module):
         latent_dim)``) when the family factorises; None otherwise."""
         return None
 
-    def gaussian(self, outputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def location_and_scale(self, outputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(loc, scale, the remaining outputs): the first ``2 * latent_dim`` outputs as a mean
         and a standard deviation (softplus plus the floor, capped: :func:`bounded_scale`)."""
         m = self.latent_dim
@@ -130,7 +130,7 @@ class Posterior(nn.Module):
 
 @register_posterior("diagonal_gaussian")
 class DiagonalGaussianPosterior(Posterior):
-    """Diagonal Gaussian N(mu(x), diag sigma(x)^2) (Kingma & Welling, 2014): the default.
+    """Diagonal Gaussian N(mu(x), diag sigma(x)^2), the default (Kingma & Welling, 2014).
 
     Cost per step: O(latent_dim) per sample beyond the encoder; the KL to a standard-normal or
     learned diagonal prior is analytic.
@@ -156,7 +156,7 @@ class DiagonalGaussianPosterior(Posterior):
 
     def split(self, outputs: Tensor) -> dict[str, Tensor]:
         if self.scale == "softplus":
-            loc, scale, _ = self.gaussian(outputs)
+            loc, scale, _ = self.location_and_scale(outputs)
         else:
             loc, log_variance = outputs.chunk(2, dim=-1)
             scale = (0.5 * log_variance).exp().clamp(*self.scale_range)
@@ -171,9 +171,10 @@ class DiagonalGaussianPosterior(Posterior):
 
 @register_posterior("full_gaussian")
 class FullGaussianPosterior(Posterior):
-    """Gaussian with full covariance L(x) L(x)^T, its Cholesky factor L from the encoder (the
-    full-covariance Gaussian posterior that Kingma et al., 2016, take as their linear baseline):
-    the diagonal of L is a bounded softplus of the outputs, its strict lower triangle the raw
+    """Full-covariance Gaussian N(mu(x), L(x) L(x)^T), its Cholesky factor from the encoder.
+
+    The full-covariance posterior that Kingma et al. (2016) take as their linear baseline: the
+    diagonal of L is a bounded softplus of the outputs, its strict lower triangle the raw
     outputs, so every output vector gives a valid covariance.
 
     Cost per step: latent_dim (latent_dim + 3) / 2 encoder outputs; O(latent_dim^2) per sample
@@ -186,7 +187,7 @@ class FullGaussianPosterior(Posterior):
         return self.latent_dim * (self.latent_dim + 3) // 2
 
     def split(self, outputs: Tensor) -> dict[str, Tensor]:
-        loc, scale, lower = self.gaussian(outputs)
+        loc, scale, lower = self.location_and_scale(outputs)
         rows, cols = torch.tril_indices(self.latent_dim, self.latent_dim, -1, device=loc.device)
         strict = lower.new_zeros(*lower.shape[:-1], self.latent_dim, self.latent_dim)
         strict[..., rows, cols] = lower
@@ -286,10 +287,11 @@ class PlanarStep(FlowStep):
 
 @register_posterior("planar")
 class PlanarFlowPosterior(Posterior):
-    """Amortised planar flow (Rezende & Mohamed, 2015): a diagonal Gaussian pushed through
-    ``num_flows`` planar steps z + u tanh(w^T z + b), u, w and b per example from the encoder
-    (as van den Berg et al., 2018, amortise them), with the invertibility constraint
-    w^T u >= -1 enforced by :class:`PlanarStep`.
+    """Amortised planar flow (Rezende & Mohamed, 2015), its parameters from the encoder.
+
+    A diagonal Gaussian pushed through ``num_flows`` planar steps z + u tanh(w^T z + b), u, w
+    and b per example from the encoder (as van den Berg et al., 2018, amortise them), with the
+    invertibility constraint w^T u >= -1 enforced by :class:`PlanarStep`.
 
     torch.distributions has no planar transform and zuko's flows take their parameters from
     their own networks, not from an encoder per example: hence this small one.
@@ -314,7 +316,7 @@ class PlanarFlowPosterior(Posterior):
         return 2 * self.latent_dim + self.num_flows * (2 * self.latent_dim + 1)
 
     def split(self, outputs: Tensor) -> dict[str, Tensor]:
-        loc, scale, rest = self.gaussian(outputs)
+        loc, scale, rest = self.location_and_scale(outputs)
         m = self.latent_dim
         u, w, b = rest.unflatten(-1, (self.num_flows, 2 * m + 1)).split([m, m, 1], dim=-1)
         return {"loc": loc, "scale": scale, "u": u, "w": w, "b": b}
@@ -390,10 +392,11 @@ def made_masks(degrees: Tensor, hidden: Sequence[int]) -> list[Tensor]:
 
 @register_posterior("iaf")
 class IAFPosterior(Posterior):
-    """Inverse autoregressive flow (Kingma et al., 2016): a diagonal Gaussian and a context
-    vector h from the encoder, then ``num_flows`` steps of the numerically stable gated update
-    z <- sigma * z + (1 - sigma) * m, [m, s] = MADE(z, h), sigma = sigmoid(s), with the order
-    of the latent dimensions reversed between steps.
+    """Inverse autoregressive flow (Kingma et al., 2016), MADE steps fed by an encoder context.
+
+    A diagonal Gaussian and a context vector h from the encoder, then ``num_flows`` steps of
+    the numerically stable gated update z <- sigma * z + (1 - sigma) * m, [m, s] = MADE(z, h),
+    sigma = sigmoid(s), with the order of the latent dimensions reversed between steps.
 
     Written here, not taken from zuko: zuko's autoregressive transforms apply the affine update
     z exp(s) + m, not the gated one, and take no per-example context added to their first
@@ -453,7 +456,7 @@ class IAFPosterior(Posterior):
         return 2 * self.latent_dim + self.context
 
     def split(self, outputs: Tensor) -> dict[str, Tensor]:
-        loc, scale, context = self.gaussian(outputs)
+        loc, scale, context = self.location_and_scale(outputs)
         params = {"loc": loc, "scale": scale}
         for t, step in enumerate(self.steps):
             params[f"{t}.shift"] = step.context(context)
