@@ -54,6 +54,13 @@ def vaeflow(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return python(site, "-m", "vaeflow", *args, cwd=cwd)
 
 
+def fit_quickstart(site: Path, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``vaeflow fit`` of the quickstart config with ``overrides``, the plugin in ``site``."""
+    return vaeflow(
+        site, "fit", "--config", str(REPO / "configs" / "quickstart.yaml"), *overrides, cwd=cwd
+    )
+
+
 def python(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """A fresh interpreter that sees the plugin installed in ``site``."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
@@ -80,17 +87,11 @@ def test_the_entry_point_registers_the_family(installed_plugin, monkeypatch) -> 
 def test_list_shows_the_plugin_and_a_config_uses_it_by_name(installed_plugin, tmp_path) -> None:
     listed = vaeflow(installed_plugin, "list", cwd=tmp_path)
     assert listed.returncode == 0 and "student_t" in listed.stdout
-    fit = vaeflow(
+    fit = fit_quickstart(
         installed_plugin,
-        "fit",
-        "--config",
-        str(REPO / "configs" / "quickstart.yaml"),
-        "--model.init_args.likelihood",
-        "student_t",
-        "--data.init_args.binarize",
-        "none",
-        "--trainer.fast_dev_run",
-        "1",
+        "--model.init_args.likelihood=student_t",
+        "--data.init_args.binarize=none",
+        "--trainer.fast_dev_run=1",
         cwd=tmp_path,
     )
     assert fit.returncode == 0, fit.stderr[-2000:]
@@ -103,13 +104,9 @@ def test_a_plugin_posterior_is_listed_trains_by_name_and_reloads_alone(
     listed = vaeflow(site, "list", cwd=tmp_path)
     posteriors = listed.stdout.partition("posteriors (vaeflow.posteriors)")[2]
     assert listed.returncode == 0 and "laplace" in posteriors and "vaeflow_laplace_" in posteriors
-    fit = vaeflow(
+    fit = fit_quickstart(
         site,
-        "fit",
-        "--config",
-        str(REPO / "configs" / "quickstart.yaml"),
-        "--model.init_args.posterior",
-        "laplace",
+        "--model.init_args.posterior=laplace",
         "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",
