@@ -478,10 +478,10 @@ class IAFPosterior(Posterior):
 
 
 def check_posterior_factorises(posterior: Posterior, setting: str) -> None:
-    """Refuse a per-dimension setting (free bits) for a family without per-dimension marginals."""
+    """Refuse a per-dimension setting (free bits) for a family that does not factorise."""
     if not posterior.factorises:
         raise ConfigError(
             f"{setting} needs a posterior that factorises over the latent dimensions "
-            f"(diagonal_gaussian); {type(posterior).__name__} has no per-dimension marginals, "
-            "so its KL does not split into per-dimension terms"
+            f"(diagonal_gaussian); {type(posterior).__name__} does not, so its KL does not "
+            "split into per-dimension terms. Use posterior: diagonal_gaussian or free_bits: 0"
         )
