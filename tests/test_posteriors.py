@@ -286,3 +286,10 @@ def test_a_config_names_the_posterior_and_the_run_reloads(tmp_path, monkeypatch)
         model = VAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
         assert type(model.posterior).__name__ == cls
     assert model.posterior.num_flows == 3
+
+
+def test_list_shows_every_posterior(capsys) -> None:
+    main(["list"])
+    posteriors = capsys.readouterr().out.partition("posteriors (vaeflow.posteriors)")[2]
+    for name in POSTERIORS.names():
+        assert name in posteriors
