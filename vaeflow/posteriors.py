@@ -155,11 +155,12 @@ class DiagonalGaussianPosterior(Posterior):
         return 2 * self.latent_dim
 
     def split(self, outputs: Tensor) -> dict[str, Tensor]:
+        # two chunks, not location_and_scale's three pieces: one view fewer in every step
+        loc, raw = outputs.chunk(2, dim=-1)
         if self.scale == "softplus":
-            loc, scale, _ = self.location_and_scale(outputs)
+            scale = bounded_scale(raw, *self.scale_range)
         else:
-            loc, log_variance = outputs.chunk(2, dim=-1)
-            scale = (0.5 * log_variance).exp().clamp(*self.scale_range)
+            scale = (0.5 * raw).exp().clamp(*self.scale_range)
         return {"loc": loc, "scale": scale}
 
     def distribution(self, params: dict[str, Tensor]) -> Distribution:
