@@ -241,7 +241,6 @@ class FlowStep(Transform):
     domain = constraints.independent(constraints.real, 1)
     codomain = constraints.independent(constraints.real, 1)
     bijective = True
-    sign = 1
 
     def __init__(self) -> None:
         super().__init__(cache_size=1)
