@@ -27,6 +27,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
             lambda model, x: {"latents": model.encode(x).mean},
             ["--trainer.max_epochs=1"],
         ),
+        (  # a flow's codes are the mean of MEAN_SAMPLES samples, the same in any batch
+            "quickstart.yaml",
+            VAE,
+            lambda model, x: {"latents": model.encode(x).mean},
+            ["--trainer.max_epochs=1", "--model.init_args.posterior=iaf"],
+        ),
         (
             "fa_synthetic.yaml",
             FactorAnalysis,
@@ -34,7 +40,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
             [],
         ),
     ],
-    ids=["VAE", "FactorAnalysis"],
+    ids=["VAE", "VAE-iaf", "FactorAnalysis"],
 )
 def test_predict_writes_the_latent_codes_of_the_fitted_model(
     tmp_path: Path,

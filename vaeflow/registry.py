@@ -1,8 +1,9 @@
-"""Name -> class registries for likelihood families, priors and networks, extended by plugins.
+"""Name -> class registries for likelihood families, priors, networks and variational families
+(posteriors), extended by plugins.
 
 A family is a class; a name in YAML (``likelihood: bernoulli``, ``encoder: conv_encoder``) is
 looked up here. Third-party packages add names through the entry-point groups
-``vaeflow.likelihoods``, ``vaeflow.priors`` and ``vaeflow.nets`` (``name =
+``vaeflow.likelihoods``, ``vaeflow.priors``, ``vaeflow.nets`` and ``vaeflow.posteriors`` (``name =
 "package.module:Class"``), discovered the first time a registry is read.
 
 The contract every registered class keeps: each constructor argument is stored as an attribute
@@ -174,10 +175,15 @@ PRIORS: Registry = Registry("prior", "vaeflow.priors", base="vaeflow.priors.Prio
 #: encoder and decoder networks: ``nn.Module`` classes built as ``cls(input_shape,
 #: output_shape, **init_args)`` (see :mod:`vaeflow.nets`).
 NETS: Registry = Registry("net", "vaeflow.nets", base="torch.nn.Module")
-REGISTRIES = (LIKELIHOODS, PRIORS, NETS)
+#: variational families q(z | x) (see :mod:`vaeflow.posteriors`).
+POSTERIORS: Registry = Registry(
+    "posterior", "vaeflow.posteriors", base="vaeflow.posteriors.Posterior"
+)
+REGISTRIES = (LIKELIHOODS, PRIORS, NETS, POSTERIORS)
 register_likelihood = LIKELIHOODS.register
 register_prior = PRIORS.register
 register_net = NETS.register
+register_posterior = POSTERIORS.register
 
 
 def summary(obj: Any) -> str:

@@ -1,7 +1,8 @@
 """Variational autoencoder trained on the evidence lower bound.
 
-q(z|x) is a diagonal Gaussian from the encoder, z = mu + sigma * eps (reparameterised), p(x|z)
-comes from a registered likelihood family and p(z) from a registered prior. Every quantity is in
+q(z|x) comes from a registered variational family (a diagonal Gaussian by default, z = mu +
+sigma * eps, reparameterised; full-covariance Gaussians and flows by name), p(x|z) from a
+registered likelihood family and p(z) from a registered prior. Every quantity is in
 nats per example: summed over data dimensions, averaged over the batch.
 """
 
@@ -24,21 +25,21 @@ from typing_extensions import override
 from vaeflow.callbacks import prediction_callbacks
 from vaeflow.errors import ConfigError
 from vaeflow.hparams import save_plain_hyperparameters
-from vaeflow.likelihoods import Likelihood, bounded_scale, check_scale_range
+from vaeflow.likelihoods import Likelihood, check_scale_range
 from vaeflow.metrics import EpochMeans, bits_per_dim
 from vaeflow.models.loading import ReadyForInference
 from vaeflow.nets import NetFactory, build_net
+from vaeflow.posteriors import Posterior, PosteriorContext, check_posterior_factorises
 from vaeflow.priors import (
-    DiagonalNormal,
     Prior,
     PriorContext,
     kl_or_estimate,
     mean_over_samples,
     monte_carlo_kl,
 )
-from vaeflow.registry import LIKELIHOODS, PRIORS
+from vaeflow.registry import LIKELIHOODS, POSTERIORS, PRIORS
 from vaeflow.steps_per_call import SteppedModule
-from vaeflow.utils import as_list
+from vaeflow.utils import as_list, at_least_float32
 
 Estimator = Literal["analytic_kl", "monte_carlo", "importance_weighted"]
 #: Burda et al.'s (2016) threshold on the variance over the data of E_q[z_j | x].
@@ -98,24 +99,20 @@ def check_objective(
         )
 
 
-def at_least_float32(outputs: Tensor) -> Tensor:
-    """A network's outputs in float32 when autocast made them bfloat16 or float16: the
-    likelihood, KL, log q(z|x) and the log-sum-exp of importance weights are then float32 (CPU
-    autocast keeps element-wise ops and sums over 784 pixels in bfloat16, whose 8-bit mantissa
-    rounds a KL of 30 nats to 0.125 nats). The networks' matrix products stay in low precision."""
-    return outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
-
-
 class VAE(ReadyForInference, SteppedModule):
-    """Variational autoencoder with injectable likelihood, prior, encoder and decoder.
+    """Variational autoencoder with injectable posterior, likelihood, prior, encoder and decoder.
 
     Args:
         input_shape: shape of one example; the CLI links it from the data module's ``dims``.
         latent_dim: dimension of z.
         likelihood: a registered likelihood name (``bernoulli``, ``gaussian``, ...) or instance.
         prior: a registered prior name (``standard_normal``, ...) or instance.
+        posterior: the variational family q(z|x), a registered name (``diagonal_gaussian``,
+            ``full_gaussian``, ``planar``, ``iaf``, ...) or instance; it says how many numbers
+            the encoder outputs. Checkpoints written before families were registered hold
+            none and reload as ``diagonal_gaussian``.
         encoder: a registered net name (``mlp``, ``conv_encoder``, ...) or a factory
-            ``(input_shape, (2 * latent_dim,)) -> nn.Module`` (YAML: ``class_path`` +
+            ``(input_shape, (posterior.num_outputs,)) -> nn.Module`` (YAML: ``class_path`` +
             ``init_args``).
         decoder: a registered net name (``mlp``, ``conv_decoder``, ...) or a factory
             ``((latent_dim,), likelihood.output_shape) -> nn.Module``. None, for either, is
@@ -131,8 +128,9 @@ class VAE(ReadyForInference, SteppedModule):
             and stays there; 0 turns it off. The logged ELBO stays the unweighted one.
         free_bits: free bits per latent dimension (Kingma et al., 2016): each dimension's KL,
             averaged over the batch, enters the loss as max(free_bits, KL_j), so dimensions
-            below the floor get no pull towards the prior; 0 turns it off. Needs a prior that
-            factorises over the dimensions (``standard_normal``, ``learned_gaussian``).
+            below the floor get no pull towards the prior; 0 turns it off. Needs a prior and a
+            posterior that factorise over the dimensions (``standard_normal``,
+            ``learned_gaussian``; ``diagonal_gaussian``).
         dreg: with ``importance_weighted``, the doubly reparameterised gradient of the IWAE
             bound for the encoder (Tucker et al., 2019): the score-function term is dropped and
             each sample's path gradient weighted by its squared normalised weight: unbiased,
@@ -140,28 +138,34 @@ class VAE(ReadyForInference, SteppedModule):
             (Rainforth et al., 2018). Measured (median over the encoder's parameters): about
             twice plain IWAE's at K = 5, 50 and 500 on a tiny model, and falling with K as
             plain IWAE's does (tests/test_vae_objectives.py): it does not grow with K. The decoder's
-            gradient and the logged bound are the plain IWAE ones.
+            gradient and the logged bound are the plain IWAE ones. Every posterior supports it:
+            log q takes a copy of q with all its parameters (a flow's too) detached, evaluated
+            at the samples by inverting the flow.
         eval_samples: importance samples K of the log-likelihood estimate logged at validation
             and test (0 skips it; 5000 is the literature's standard for MNIST test scores).
         predict_samples: posterior samples per example at ``vaeflow predict``: 0 writes the
-            posterior means only (``latents``); S >= 2 also writes ``latent_spread``, the
-            standard deviation over S samples z ~ q(z|x) of each latent dimension, and
-            ``reconstruction_spread``, that of their reconstructions E[x|z] per data element.
+            posterior means only (``latents``; for a flow, which has no closed-form mean, the
+            mean of :data:`~vaeflow.posteriors.MEAN_SAMPLES` samples); S >= 2 also writes
+            ``latent_spread``, the standard deviation over S samples z ~ q(z|x) of each latent
+            dimension, and ``reconstruction_spread``, that of their reconstructions E[x|z] per
+            data element.
         optimizer: optimiser factory (YAML: ``class_path: torch.optim.Adam`` + ``init_args``).
         lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch
             (``ReduceLROnPlateau`` on the training objective).
         training: ``joint`` moves all parameters at once; ``alternating`` is the EM view:
-            per batch an E-step moves the encoder with the decoder fixed, then an M-step moves
-            the decoder, likelihood and prior with the encoder fixed (one optimiser each).
+            per batch an E-step moves the encoder and the posterior's own parameters (a flow's
+            networks) with the decoder fixed, then an M-step moves the decoder, likelihood and
+            prior with the encoder fixed (one optimiser each).
         gradient_clip_val: clip the gradient norm to this value (the VAE steps its optimisers
             itself, so Trainer(gradient_clip_val) does not apply; set it here).
         steps_per_call: training steps (batches) per call of Lightning's training step, as
             Keras's ``steps_per_execution``: Lightning's per-call cost (loop, hooks, callbacks)
             is 10-20% of a small model's step on the CPU. Same steps and results as 1; see
             :class:`~vaeflow.steps_per_call.SteppedModule` for what changes.
-        posterior_scale_range: (floor, cap) of the encoder's standard deviations, softplus
-            of its outputs plus the floor, capped: the prior's scale is 1, so healthy training
-            stays far below the cap, which keeps a diverging run from overflowing.
+        posterior_scale_range: (floor, cap) of the standard deviations the posterior derives
+            from the encoder, softplus of its outputs plus the floor, capped: the prior's scale
+            is 1, so healthy training stays far below the cap, which keeps a diverging run from
+            overflowing.
         data_log_scale: log of the factor the data module divided each value by (its
             ``log_scale``, linked by the CLI): bits per dimension are of the data on their
             original grid (:func:`vaeflow.metrics.bits_per_dim`).
@@ -173,6 +177,7 @@ class VAE(ReadyForInference, SteppedModule):
         latent_dim: int = 16,
         likelihood: Likelihood | str = "bernoulli",
         prior: Prior | str = "standard_normal",
+        posterior: Posterior | str = "diagonal_gaussian",
         encoder: str | NetFactory | None = "mlp",
         decoder: str | NetFactory | None = "mlp",
         estimator: Estimator = "analytic_kl",
@@ -209,7 +214,9 @@ class VAE(ReadyForInference, SteppedModule):
         self.latent_dim = latent_dim
         self.likelihood = LIKELIHOODS.build(likelihood)
         self.likelihood.bind(self.input_shape)
-        self.encoder = build_net(encoder or "mlp", self.input_shape, (2 * latent_dim,))
+        self.posterior = POSTERIORS.build(posterior)
+        self.posterior.bind(PosteriorContext(latent_dim, self.posterior_scale_range))
+        self.encoder = build_net(encoder or "mlp", self.input_shape, (self.posterior.num_outputs,))
         self.decoder = build_net(decoder or "mlp", (latent_dim,), self.likelihood.output_shape)
         self.prior = PRIORS.build(prior)
         self.prior.bind(PriorContext(latent_dim, self.input_shape, self.encode))
@@ -219,6 +226,8 @@ class VAE(ReadyForInference, SteppedModule):
                 f"free_bits={free_bits} needs a prior that factorises over the latent dimensions "
                 f"(standard_normal, learned_gaussian); {type(self.prior).__name__} does not"
             )
+        if free_bits:
+            check_posterior_factorises(self.posterior, f"free_bits={free_bits}")
         self.estimator = estimator
         self.num_samples = num_samples
         self.beta = beta
@@ -249,11 +258,10 @@ class VAE(ReadyForInference, SteppedModule):
         return torch.set_grad_enabled(self.training and torch.is_grad_enabled())
 
     def encode(self, x: Tensor) -> Distribution:
-        """q(z | x): a diagonal Gaussian with event shape ``(latent_dim,)``."""
+        """q(z | x), event shape ``(latent_dim,)``, from the registered posterior family."""
         x = self.as_input(x)
         with self.gradients():
-            loc, raw_scale = at_least_float32(self.encoder(x)).chunk(2, dim=-1)
-            return DiagonalNormal(loc, bounded_scale(raw_scale, *self.posterior_scale_range))
+            return self.posterior(self.encoder(x))
 
     def decode(self, z: Tensor) -> Distribution:
         """p(x | z), batched over the leading dimensions of ``z`` (samples, examples)."""
@@ -280,7 +288,7 @@ class VAE(ReadyForInference, SteppedModule):
 
     def reconstruction_term(
         self, x: Tensor, num_samples: int = 1
-    ) -> tuple[DiagonalNormal, Tensor, Tensor]:
+    ) -> tuple[Distribution, Tensor, Tensor]:
         """q(z|x), reparameterised samples z from it, and the mean over them of log p(x|z),
         ``(N,)``."""
         x = self.as_input(x)
@@ -292,18 +300,20 @@ class VAE(ReadyForInference, SteppedModule):
         return posterior, z, mean_over_samples(log_px, posterior)
 
     def kl(
-        self, posterior: DiagonalNormal, z: Tensor, estimator: Estimator = "analytic_kl"
+        self, posterior: Distribution, z: Tensor, estimator: Estimator = "analytic_kl"
     ) -> Tensor:
         """KL(q(z|x) || p(z)) per example: by ``kl_divergence`` where registered (Monte Carlo
         over ``z`` otherwise) with ``analytic_kl``, by Monte Carlo over ``z`` with any other."""
         return kl_estimator(estimator)(posterior, self.prior(), z)
 
     def kl_per_dimension(
-        self, posterior: DiagonalNormal, z: Tensor, estimator: Estimator = "analytic_kl"
+        self, posterior: Distribution, z: Tensor, estimator: Estimator = "analytic_kl"
     ) -> Tensor:
         """KL(q(z_j|x) || p(z_j)) per example and latent dimension, ``(N, latent_dim)``, for a
-        prior that factorises (:meth:`Prior.marginals`); estimated as :meth:`kl` is."""
-        return kl_estimator(estimator)(posterior.marginals(), self.prior.marginals(), z)
+        prior and a posterior that factorise (:meth:`Prior.marginals`,
+        :meth:`Posterior.marginals`); estimated as :meth:`kl` is."""
+        marginals = self.posterior.marginals(posterior)
+        return kl_estimator(estimator)(marginals, self.prior.marginals(), z)
 
     def elbo(self, x: Tensor, num_samples: int = 1, estimator: Estimator = "analytic_kl") -> Tensor:
         """The evidence lower bound per example, ``(N,)``, by either unbiased estimator.
@@ -331,14 +341,12 @@ class VAE(ReadyForInference, SteppedModule):
         sum_k w_k^2 d log w_k / dz_k dz_k / dphi. The values are unchanged.
         """
         x = self.as_input(x)
-        posterior = self.encode(x)
+        outputs = self.encoder(x)
+        posterior = self.posterior(outputs)
         shape = (num_samples,)
         z = posterior.rsample(shape) if reparameterized or dreg else posterior.sample(shape)
-        proposal = (
-            DiagonalNormal(posterior.mean.detach(), posterior.stddev.detach())
-            if dreg
-            else posterior
-        )
+        # a copy of q with every parameter (the encoder's outputs, a flow's weights) detached
+        proposal = self.posterior(outputs, detach=True) if dreg else posterior
         log_weights = self.log_weights(x, z, proposal)
         if dreg and z.requires_grad:
             normalised = log_weights.detach().softmax(0).unsqueeze(-1)
@@ -441,8 +449,9 @@ class VAE(ReadyForInference, SteppedModule):
 
     @override
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor | dict[str, Tensor]:
-        """The posterior means E[z|x] (the codes the decoder gets at test time) and, with
-        ``predict_samples``, the spread of posterior samples and of their reconstructions."""
+        """The posterior means E[z|x] (the codes the decoder gets at test time; a flow's is the
+        mean of :data:`~vaeflow.posteriors.MEAN_SAMPLES` samples) and, with ``predict_samples``,
+        the spread of posterior samples and of their reconstructions."""
         posterior = self.encode(batch)
         if not self.predict_samples:
             return posterior.mean
@@ -465,7 +474,7 @@ class VAE(ReadyForInference, SteppedModule):
             codes = posterior.mean
             metrics |= per_dimension("code_mean", codes.mean(0))
             metrics |= per_dimension("code_square", codes.square().mean(0))
-            if self.prior.marginals() is not None:
+            if self.prior.marginals() is not None and self.posterior.factorises:
                 metrics |= per_dimension("kl_dim", self.kl_per_dimension(posterior, z).mean(0))
         self._means[stage].update(metrics, len(x))
 
@@ -545,12 +554,13 @@ class VAE(ReadyForInference, SteppedModule):
 
     @override
     def configure_optimizers(self) -> tuple[list[Optimizer], list[LRScheduler]]:
-        """One optimiser for joint training; for alternating, one for the encoder (E-step)
-        and one for the decoder, likelihood and prior (M-step). A scheduler for each."""
+        """One optimiser for joint training; for alternating, one for the encoder and the
+        posterior's own parameters (E-step) and one for the decoder, likelihood and prior
+        (M-step). A scheduler for each."""
         if self.training_mode == "joint":
             groups = [list(self.parameters())]
         else:
-            encoder = list(self.encoder.parameters())
+            encoder = [*self.encoder.parameters(), *self.posterior.parameters()]
             rest = [p for p in self.parameters() if all(p is not q for q in encoder)]
             groups = [encoder, rest]
         optimizers = [self.optimizer(params) for params in groups]
