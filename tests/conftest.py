@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch import Trainer
+from threadpoolctl import threadpool_limits
 
 from vaeflow.lightning_private import SpawnSkippingFinalisation
 
@@ -73,6 +75,26 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for file in MNIST_FILES:
             (raw / file).symlink_to(source / name / "raw" / file)
     return root
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch, BLAS and OpenMP thread for a test of tiny matrices (the EM models'): a second
+    thread only adds synchronisation, which costs seconds per fit when other processes keep
+    the cores busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):  # OpenBLAS, behind SciPy and scikit-learn
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def em_trainer(silent_trainer: Callable[..., Trainer]) -> Callable[..., Trainer]:
+    """Quiet trainers that run an EM-style fit to its own stopping rule, without validation."""
+    return functools.partial(
+        silent_trainer, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0
+    )
 
 
 @pytest.fixture
