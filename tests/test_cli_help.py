@@ -16,7 +16,7 @@ import yaml
 
 from vaeflow.cli import main
 from vaeflow.models import VAE, FactorAnalysis
-from vaeflow.registry import LIKELIHOODS, NETS, PRIORS
+from vaeflow.registry import LIKELIHOODS, NETS, POSTERIORS, PRIORS
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -264,6 +264,7 @@ def test_the_parser_reads_a_name_with_options_as_its_class() -> None:
         "prior": PRIORS,
         "encoder": NETS,
         "decoder": NETS,
+        "posterior": POSTERIORS,
     }
     args, _ = parser.names_with_options_as_class_paths(
         [

@@ -48,6 +48,10 @@ def registered_parameters(cls: type) -> dict[str, Registry]:
     return {name: registry for name, registry in found.items() if registry is not None}
 
 
+#: Above this many known subclasses, help names their base class instead of listing them.
+MAX_LISTED_SUBCLASSES = 5
+
+
 class VaeflowHelpFormatter(DefaultHelpFormatter):
     """jsonargparse's help, with registered names in place of the known subclasses where a
     parameter takes names, and docstrings as plain text."""
@@ -62,6 +66,14 @@ class VaeflowHelpFormatter(DefaultHelpFormatter):
                 f"options: vaeflow list {registry.kind} NAME)"
             )
             text = text.replace(known_subclasses_help(action), names)
+        else:  # torch's optimisers and schedulers: the base class, not every subclass
+            listed = known_subclasses_help(action)
+            classes = listed.partition("known subclasses:")[2].split(",")
+            if len(classes) > MAX_LISTED_SUBCLASSES:
+                base = classes[0].strip()
+                text = text.replace(
+                    listed, f", any subclass of {base} by class_path ({len(classes)} in torch)"
+                )
         return plain_text(text)
 
 

@@ -179,7 +179,7 @@ NETS: Registry = Registry("net", "vaeflow.nets", base="torch.nn.Module")
 POSTERIORS: Registry = Registry(
     "posterior", "vaeflow.posteriors", base="vaeflow.posteriors.Posterior"
 )
-REGISTRIES = (LIKELIHOODS, PRIORS, NETS, POSTERIORS)
+REGISTRIES = (LIKELIHOODS, PRIORS, POSTERIORS, NETS)  # narrower bases first: registry_of
 register_likelihood = LIKELIHOODS.register
 register_prior = PRIORS.register
 register_net = NETS.register
