@@ -5,12 +5,17 @@ modules, the CLI and the scikit-learn estimator."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
+from torch.utils.data import DataLoader
 
-from vaeflow.models import fa_math
+from vaeflow.data import ArrayDataModule
+from vaeflow.errors import DataError
+from vaeflow.models import FactorAnalysis, fa_math
 from vaeflow.models.fa_missing import (
     add_sums_,
     m_step,
@@ -170,3 +175,93 @@ def test_em_is_monotone_and_ends_at_a_stationary_point(fraction: float) -> None:
     (total / len(x)).backward()
     for p in params:
         assert p.grad.abs().max().item() < 1e-6
+
+
+# -- the model: FactorAnalysis(missing=...) through Lightning ------------------------------------
+
+
+def fit_model(trainer, x: torch.Tensor, latent: int = 2, batch_size: int = 400, **kwargs):
+    model = FactorAnalysis((x.shape[1],), latent_dim=latent, **kwargs)
+    trainer().fit(model, train_dataloaders=DataLoader(x, batch_size=batch_size))
+    return model
+
+
+def missing_cells_log_likelihood(model: FactorAnalysis, full: torch.Tensor, holed) -> float:
+    """Held-out log-likelihood of the missing cells given the observed ones, sum over rows of
+    log p(x_M | x_O) = log p(x) - log p(x_O), per row with a missing value."""
+    rows = torch.isnan(holed).any(1)
+    joint = model.log_likelihood(full[rows])
+    return (joint - model.log_likelihood(holed[rows])).mean().item()
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3])
+def test_fiml_predicts_held_out_missing_cells_better_than_complete_cases(
+    em_trainer, fraction: float
+) -> None:
+    """Values missing at random (MAR: more often where the first feature is high): the FIML fit
+    is monotone and reports the observed-data log-likelihood, and on new rows with values
+    missing the same way it predicts the missing cells from the observed ones better than
+    complete-case factor analysis (which, under MAR, fits fewer and unrepresentative rows).
+    Measured: FIML ahead by 6e-4 nats per row at 10%, 0.069 at 30%."""
+    truth = factor_model(dim=8, latent=2, seed=6)
+    holed = missing_at_random(draw(1500, *truth, seed=7), fraction, seed=8)
+    test = draw(2000, *truth, seed=17)
+    test_holed = missing_at_random(test, fraction, seed=18)
+    fiml = fit_model(em_trainer, holed, missing="fiml")
+    complete = fit_model(em_trainer, holed, missing="complete_cases")
+    lls = [row["train/log_likelihood"] for row in fiml.history]
+    assert np.diff(lls).min() > -1e-12
+    assert fiml.stop_reason in ("aitken", "round-off")
+    assert lls[-1] == pytest.approx(fiml.log_likelihood(holed).mean().item(), abs=1e-12)
+    assert complete.incomplete_rows == int(torch.isnan(holed).any(1).sum())
+    ours = missing_cells_log_likelihood(fiml, test, test_holed)
+    theirs = missing_cells_log_likelihood(complete, test, test_holed)
+    assert ours > theirs, (ours, theirs)
+
+
+def test_complete_cases_is_the_fit_of_the_complete_rows(em_trainer) -> None:
+    truth = factor_model(seed=9)
+    holed = missing_at_random(draw(1000, *truth), 0.05)
+    dropped = fit_model(em_trainer, holed, missing="complete_cases")
+    kept = fit_model(em_trainer, holed[~torch.isnan(holed).any(1)])
+    torch.testing.assert_close(dropped.mean, kept.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        dropped.log_likelihood(holed), kept.log_likelihood(holed), rtol=0, atol=1e-10
+    )
+
+
+def test_without_missing_values_fiml_reaches_the_complete_data_fit(em_trainer) -> None:
+    truth = factor_model(seed=10)
+    x = draw(800, *truth)
+    fiml = fit_model(em_trainer, x, missing="fiml", tol=1e-10)
+    exact = fit_model(em_trainer, x, tol=1e-10)
+    assert fiml.history[-1]["train/log_likelihood"] == pytest.approx(
+        exact.history[-1]["train/log_likelihood"], abs=1e-7
+    )
+    torch.testing.assert_close(fiml.mean, exact.mean, rtol=0, atol=1e-5)
+
+
+def test_nan_is_refused_by_default_with_both_alternatives(em_trainer) -> None:
+    holed = missing_at_random(draw(200, *factor_model()), 0.1)
+    with pytest.raises(DataError, match=r"missing: fiml .* missing: complete_cases"):
+        fit_model(em_trainer, holed)
+
+
+@pytest.mark.ddp
+def test_two_processes_fit_what_one_process_fits(em_trainer, ddp_spawn, tmp_path: Path) -> None:
+    """FIML's sums are added across processes once per pass: 2 processes (gloo) fit what one
+    does, the first pass's shift broadcast from rank 0; the data module lets NaN through."""
+    holed = missing_at_random(draw(1200, *factor_model(seed=11)), 0.3)
+    np.save(tmp_path / "holed.npy", holed.numpy())
+    data = ArrayDataModule(str(tmp_path / "holed.npy"))
+    kwargs = dict(missing="fiml", max_iter=6, tol=0.0)
+    single = FactorAnalysis((8,), latent_dim=2, **kwargs)
+    em_trainer().fit(single, datamodule=data)
+    double = FactorAnalysis((8,), latent_dim=2, **kwargs)
+    em_trainer(strategy=ddp_spawn, devices=2).fit(double, datamodule=data)
+    assert int(single.n_iter) == 6
+    for name in ("loadings", "noise_variance"):
+        torch.testing.assert_close(
+            getattr(double, name), getattr(single, name), rtol=1e-9, atol=1e-10
+        )
+    torch.testing.assert_close(double.mean, single.mean, rtol=1e-10, atol=1e-12)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -33,6 +34,8 @@ from vaeflow.models.fa_math import (
     posterior_covariance,
     posterior_mean,
 )
+from vaeflow.models.fa_missing import observed_log_likelihood
+from vaeflow.models.fa_missing_fit import MissingFitter
 from vaeflow.models.loading import ReadyForInference
 
 #: Smallest ``noise_floor``: the rounding of the covariance S (relative ~1e-16 times the growth
@@ -119,6 +122,11 @@ class FactorAnalysis(ReadyForInference):
             (orthogonal ``varimax``, ``quartimax``, ``equamax``; oblique ``promax``,
             ``oblimin``, ``quartimin``, ``geomin``) or ``none``. The likelihood does not change
             under rotation, and ``loadings`` keep the unrotated maximum-likelihood solution.
+        missing: what NaN in the data means. ``refuse``: an error, which names the other two;
+            ``fiml``: a missing value, and the fit is full-information maximum likelihood, EM
+            on each row's observed values (:mod:`vaeflow.models.fa_missing`; one EM iteration
+            per pass, whatever ``method``; ``log_likelihood`` is the observed-data one);
+            ``complete_cases``: rows with a NaN are left out of the fit.
         seed: seed of the random initialisation and of the streaming PPCA sketch.
         data_log_scale: log of the factor the data module divided the data by (linked by the
             CLI from the data module's ``log_scale``), for bits per dimension on the data's
@@ -131,6 +139,11 @@ class FactorAnalysis(ReadyForInference):
     #: A data module without an explicit ``val_fraction`` gives factor analysis every row: the
     #: maximum-likelihood fit is of all the data, and a validation split is a check to ask for.
     default_val_fraction: ClassVar[float] = 0.0
+    #: What the data modules' message about NaN in the data adds.
+    missing_values_advice: ClassVar[str] = (
+        ", or set the model's missing: fiml (full-information maximum likelihood: every "
+        "observed value counts) or missing: complete_cases (rows with a NaN are left out)"
+    )
 
     def __init__(
         self,
@@ -146,6 +159,7 @@ class FactorAnalysis(ReadyForInference):
         constant_feature_variance: float = 1e-12,
         accelerate: bool = True,
         rotation: str = "none",
+        missing: Literal["refuse", "fiml", "complete_cases"] = "refuse",
         seed: int = 0,
         data_log_scale: float = 0.0,
     ) -> None:
@@ -173,6 +187,8 @@ class FactorAnalysis(ReadyForInference):
             )
         self.latent_dim = latent_dim
         self.isotropic = noise == "isotropic"
+        #: Rows left out of the last fit for a missing value (``missing: complete_cases``).
+        self.incomplete_rows = 0
         self.register_buffer("n_iter", torch.zeros((), dtype=torch.long))
         #: One dict per EM iteration: ``train/log_likelihood``, ``train/elbo`` (nats/example)
         #: and ``train/bits_per_dim``.
@@ -218,11 +234,26 @@ class FactorAnalysis(ReadyForInference):
         x = torch.as_tensor(x)
         return x.reshape(len(x), -1).to(self.mean) - self.mean
 
+    @property
+    def missing_values(self) -> str | None:
+        """None when NaN in the data is an error; else what NaN means, for messages."""
+        return None if self.hparams.missing == "refuse" else f"missing: {self.hparams.missing}"
+
     @torch.no_grad()
     def log_likelihood(self, x: Tensor) -> Tensor:
         """Exact log p(x) of each example (N,), in O(N D M), accurate to float64 round-off
-        even when noise variances are tiny (see :mod:`vaeflow.models.fa_math`)."""
-        return log_likelihood(self._centred(x), factorise(self.loadings, self.noise_variance))
+        even when noise variances are tiny (see :mod:`vaeflow.models.fa_math`). A row with
+        NaN gets the log-likelihood of its observed values, the others integrated out."""
+        centred = self._centred(x)
+        factors = factorise(self.loadings, self.noise_variance)
+        incomplete = torch.isnan(centred).any(1)
+        if not incomplete.any():
+            return log_likelihood(centred, factors)
+        out = log_likelihood(centred.nan_to_num(), factors)
+        out[incomplete] = observed_log_likelihood(
+            centred[incomplete], self.loadings, self.noise_variance, torch.zeros_like(self.mean)
+        )
+        return out
 
     @torch.no_grad()
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,8 +317,10 @@ class FactorAnalysis(ReadyForInference):
         resume = self._resume if self.trainer.ckpt_path is not None else None
         if resume is None:
             self.n_iter.zero_()
-        self.history, self._resume = [], None
-        self._fitter = (StreamingFitter if self.streaming else MomentsFitter)(self, resume)
+        self.history, self._resume, self.incomplete_rows = [], None, 0
+        fitter = MissingFitter if self.hparams.missing == "fiml" else None
+        fitter = fitter or (StreamingFitter if self.streaming else MomentsFitter)
+        self._fitter = fitter(self, resume)
 
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -296,6 +329,10 @@ class FactorAnalysis(ReadyForInference):
             raise DataError(
                 f"FactorAnalysis: examples have {x.shape[1]} values, expected {self.dim}"
             )
+        if self.hparams.missing == "complete_cases":
+            complete = ~torch.isnan(x).any(1)
+            self.incomplete_rows += len(x) - int(complete.sum())
+            x = x[complete]
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             self._fitter.add(x)
         # The M-step runs at the last batch, not in on_train_epoch_end, because Lightning
@@ -320,6 +357,13 @@ class FactorAnalysis(ReadyForInference):
     def on_fit_end(self) -> None:
         if self._fitter is None or self._fitter.var is None:
             raise DataError("FactorAnalysis: the training data set is empty; nothing was fitted")
+        if self.hparams.missing == "complete_cases":
+            left_out = torch.tensor(float(self.incomplete_rows), device=self.mean.device)
+            self.incomplete_rows = int(self.trainer.strategy.reduce(left_out, reduce_op="sum"))
+            rank_zero_info(
+                f"FactorAnalysis: {self.incomplete_rows} rows with a missing value were left "
+                "out of the fit (missing: complete_cases)"
+            )
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -88,7 +88,7 @@ class FirstPass(Pass):
     shift: Tensor
 
     def start(self, x: Tensor) -> list[Tensor]:
-        shift = x.mean(0, dtype=F64)
+        shift = x.mean(0, dtype=F64).nan_to_num()  # 0 for a batch left empty (complete cases)
         self.shift = self.fitter.model.trainer.strategy.broadcast(shift, src=0)
         return self.zeros(self.shift)
 
@@ -148,6 +148,7 @@ class Fitter(ABC):
             raise DataError(
                 "FactorAnalysis: the training data contain NaN or infinite values (or values "
                 "too large for float64 sums); clean or impute them before fitting"
+                f"{self.model.missing_values_advice}"
             )
         with torch.no_grad(), torch.autocast(self.model.mean.device.type, enabled=False):
             self.current = self.current.finish(*sums)
