@@ -181,6 +181,7 @@ def test_em_is_monotone_and_ends_at_a_stationary_point(fraction: float) -> None:
 
 
 def fit_model(trainer, x: torch.Tensor, latent: int = 2, batch_size: int = 400, **kwargs):
+    """A FactorAnalysis fitted to the rows x (N x D) through Lightning."""
     model = FactorAnalysis((x.shape[1],), latent_dim=latent, **kwargs)
     trainer().fit(model, train_dataloaders=DataLoader(x, batch_size=batch_size))
     return model
@@ -247,14 +248,31 @@ def test_nan_is_refused_by_default_with_both_alternatives(em_trainer) -> None:
         fit_model(em_trainer, holed)
 
 
+def test_em_in_memory_takes_the_steps_of_em_by_passes(em_trainer) -> None:
+    """Unless streaming, EM iterates on the batches the first pass kept: the same iterates as
+    one EM iteration per pass over the data."""
+    holed = missing_at_random(draw(900, *factor_model(seed=12)), 0.2)
+    kwargs = dict(missing="fiml", max_iter=15, tol=0.0, batch_size=200)
+    memory = fit_model(em_trainer, holed, **kwargs)
+    streaming = fit_model(em_trainer, holed, method="streaming", **kwargs)
+    assert len(memory.history) == len(streaming.history) == 16
+    for a, b in zip(memory.history, streaming.history, strict=True):
+        assert a["train/log_likelihood"] == pytest.approx(b["train/log_likelihood"], abs=1e-12)
+    torch.testing.assert_close(memory.loadings, streaming.loadings, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.ddp
-def test_two_processes_fit_what_one_process_fits(em_trainer, ddp_spawn, tmp_path: Path) -> None:
-    """FIML's sums are added across processes once per pass: 2 processes (gloo) fit what one
-    does, the first pass's shift broadcast from rank 0; the data module lets NaN through."""
+@pytest.mark.parametrize("method", ["auto", "streaming"])
+def test_two_processes_fit_what_one_process_fits(
+    em_trainer, ddp_spawn, tmp_path: Path, method: str
+) -> None:
+    """FIML's sums are added across processes once per iteration (in memory) or per pass
+    (streaming): 2 processes (gloo) fit what one does, the first pass's shift broadcast from
+    rank 0; the data module lets NaN through."""
     holed = missing_at_random(draw(1200, *factor_model(seed=11)), 0.3)
     np.save(tmp_path / "holed.npy", holed.numpy())
     data = ArrayDataModule(str(tmp_path / "holed.npy"))
-    kwargs = dict(missing="fiml", max_iter=6, tol=0.0)
+    kwargs = dict(missing="fiml", max_iter=6, tol=0.0, method=method)
     single = FactorAnalysis((8,), latent_dim=2, **kwargs)
     em_trainer().fit(single, datamodule=data)
     double = FactorAnalysis((8,), latent_dim=2, **kwargs)
