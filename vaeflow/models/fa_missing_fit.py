@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from vaeflow.errors import DataError
+from vaeflow.models.em_base import F64, Pass, common_shift
 from vaeflow.models.fa_blas import SMALL_WORK, single_thread_if
-from vaeflow.models.fa_fit import F64, Fitter, Pass
+from vaeflow.models.fa_fit import Fitter, FitterPass
 from vaeflow.models.fa_math import Iterate, leading_eigenpairs
 from vaeflow.models.fa_missing import MissingSums, add_sums_, m_step, zero_sums
 
@@ -105,15 +106,14 @@ def _observed(x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(observed, xs, 0.0), observed.to(F64)
 
 
-class ObservedMomentsPass(Pass):
+class ObservedMomentsPass(FitterPass):
     """Per feature: observed count, sum and sum of squares about a shift shared by every
     process; with the PPCA start, the pairwise sums over rows observing both features."""
 
     fitter: MissingFitter
 
     def start(self, x: Tensor) -> list[Tensor]:
-        shift = torch.nan_to_num(torch.nanmean(x.to(F64), 0))  # 0 for a column of NaN
-        self.shift = self.fitter.model.trainer.strategy.broadcast(shift, src=0)
+        self.shift = common_shift(self.fitter.model, x)
         dim = x.shape[1]
         pairwise = [x.new_zeros(dim, dim, dtype=F64) for _ in range(3)] if self.pairwise else []
         return [x.new_zeros(dim, dtype=F64) for _ in range(3)] + pairwise
@@ -159,7 +159,7 @@ class ObservedMomentsPass(Pass):
         return fitter.run(None)
 
 
-class FIMLPass(Pass):
+class FIMLPass(FitterPass):
     """One EM iteration's E-step sums and observed-data log-likelihood at the current
     parameters (values taken about the current mean), then :meth:`MissingFitter.run`."""
 
