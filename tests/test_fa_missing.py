@@ -283,3 +283,25 @@ def test_two_processes_fit_what_one_process_fits(
             getattr(double, name), getattr(single, name), rtol=1e-9, atol=1e-10
         )
     torch.testing.assert_close(double.mean, single.mean, rtol=1e-10, atol=1e-12)
+
+
+def test_factor_scores_of_rows_with_missing_values(em_trainer) -> None:
+    """Regression scores of a row with NaN are E[f | observed values] of the rotated factors:
+    the complete-data scores for a complete row, the rotated posterior mean of the observed
+    values otherwise; Bartlett's need every value."""
+    holed = missing_at_random(draw(600, *factor_model(seed=13)), 0.2)
+    model = fit_model(em_trainer, holed, missing="fiml", rotation="oblimin")
+    rotation = model.rotated()
+    scores = model.factor_scores(holed, rotation=rotation)
+    complete = ~torch.isnan(holed).any(1)
+    torch.testing.assert_close(
+        scores[complete], model.factor_scores(holed[complete]), rtol=0, atol=1e-10
+    )
+    row = holed[~complete][:1]
+    seen = ~torch.isnan(row[0])
+    w, psi = model.loadings.detach()[seen], model.noise_variance.detach()[seen]
+    cov = w @ w.T + torch.diag(psi)
+    z = w.T @ torch.linalg.solve(cov, row[0, seen] - model.mean.detach()[seen])  # E[z | x_O]
+    torch.testing.assert_close(scores[~complete][0], z @ rotation.rotation, rtol=0, atol=1e-10)
+    with pytest.raises(DataError, match="bartlett factor scores need every value"):
+        model.factor_scores(holed, method="bartlett")

@@ -28,7 +28,7 @@ from vaeflow.analysis import (
 )
 from vaeflow.analysis.scores import factor_scores
 from vaeflow.models import FactorAnalysis as EMFactorAnalysis
-from vaeflow.models.fa_missing import posterior
+from vaeflow.models.fa_missing import observed_regression_scores
 
 F64 = torch.float64
 
@@ -223,10 +223,10 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
                     "scores (method='regression') take each row's observed values"
                 )
             model = self._model
-            # f = T^T z for the unrotated factors z: E[f | x_O] = T^T E[z | x_O]
             parameters = (model.loadings, model.noise_variance, model.mean)
-            z = posterior(x, *(p.detach() for p in parameters)).mean
-            return (z @ torch.from_numpy(self.rotation_matrix_)).numpy()
+            return observed_regression_scores(
+                x, *(p.detach() for p in parameters), torch.from_numpy(self.rotation_matrix_)
+            ).numpy()
         return factor_scores(
             x,
             torch.from_numpy(self.mean_),

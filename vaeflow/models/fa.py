@@ -9,18 +9,20 @@ taken once per pass. The two ways to fit (``moments``, ``streaming``) are object
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from vaeflow.analysis.rotation import ROTATIONS, Rotation, rotate
-from vaeflow.callbacks.factor_report import FactorReport
-from vaeflow.errors import ConfigError
+from vaeflow.analysis.scores import factor_score_weights
+from vaeflow.callbacks.factor_report import SCORES_FILE, FactorReport, write_scores
+from vaeflow.errors import ConfigError, DataError
 from vaeflow.models.em_base import F64, EMFit, EMModel
 from vaeflow.models.fa_fit import MomentsFitter, StreamingFitter
 from vaeflow.models.fa_math import (
@@ -30,7 +32,7 @@ from vaeflow.models.fa_math import (
     posterior_covariance,
     posterior_mean,
 )
-from vaeflow.models.fa_missing import observed_log_likelihood
+from vaeflow.models.fa_missing import observed_log_likelihood, observed_regression_scores
 from vaeflow.models.fa_missing_fit import MissingFitter
 
 #: Smallest ``noise_floor``: the rounding of the covariance S (relative ~1e-16 times the growth
@@ -108,6 +110,9 @@ class FactorAnalysis(EMModel):
             first pass's batches, or with ``streaming`` one EM iteration per pass; the mean is
             fitted too, and ``log_likelihood`` is the observed-data one); ``complete_cases``:
             rows with a NaN are left out of the fit.
+        scores: the factor scores of :meth:`factor_scores`, which ``vaeflow predict`` writes
+            to ``scores.csv`` (:mod:`vaeflow.analysis.scores`): ``regression`` (Thurstone, the
+            posterior means of the rotated factors), ``bartlett`` or ``ten_berge``.
         seed: seed of the random initialisation and of the streaming PPCA sketch.
         data_log_scale: log of the factor the data module divided the data by (linked by the
             CLI from the data module's ``log_scale``), for bits per dimension on the data's
@@ -139,6 +144,7 @@ class FactorAnalysis(EMModel):
         accelerate: bool = True,
         rotation: str = "none",
         missing: Literal["refuse", "fiml", "complete_cases"] = "refuse",
+        scores: Literal["regression", "bartlett", "ten_berge"] = "regression",
         seed: int = 0,
         data_log_scale: float = 0.0,
     ) -> None:
@@ -235,6 +241,36 @@ class FactorAnalysis(EMModel):
         return rotate(self.loadings.detach(), self.hparams.rotation)
 
     @torch.no_grad()
+    def factor_scores(
+        self, x: Tensor, method: str | None = None, rotation: Rotation | None = None
+    ) -> Tensor:
+        """Factor scores (N x M) of the rotated factors by ``method`` (default: ``scores``).
+        Rows with NaN get regression scores of their observed values (the other methods need
+        every value).
+
+        Args:
+            x: examples (N x ...), a tensor or an array.
+            method: ``regression``, ``bartlett`` or ``ten_berge``.
+            rotation: :meth:`rotated`, when the caller has it (it iterates).
+        """
+        method = method or self.hparams.scores
+        rotation = rotation or self.rotated()
+        centred = self._centred(x)
+        if torch.isnan(centred).any():
+            if method != "regression":
+                raise DataError(
+                    f"FactorAnalysis: {method} factor scores need every value, and the data "
+                    "hold NaN; regression scores (scores: regression) take each row's "
+                    "observed values"
+                )
+            zero = torch.zeros_like(self.mean)
+            return observed_regression_scores(
+                centred, self.loadings, self.noise_variance, zero, rotation.rotation
+            )
+        weights = factor_score_weights(rotation.loadings, self.noise_variance, method, rotation.phi)
+        return centred @ weights
+
+    @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         """n draws from the model, shaped (n, *input_shape)."""
         z = torch.randn(n, self.latent_dim, dtype=self.mean.dtype, device=self.mean.device)
@@ -307,8 +343,20 @@ class FactorAnalysis(EMModel):
         self.record_row(iterate.iteration, row)
 
     @override
-    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        return self.posterior(batch)[0]
+    def on_predict_start(self) -> None:
+        self._rotation = self.rotated()
+
+    @override
+    def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """The posterior means (``latents``) and the factor scores (``scores``)."""
+        return {
+            "latents": self.posterior(batch)[0],
+            "scores": self.factor_scores(batch, rotation=self._rotation),
+        }
+
+    def write_prediction_tables(self, trainer: Trainer, folder: Path, columns: dict) -> None:
+        """``scores.csv`` in the run folder (:func:`write_scores`)."""
+        write_scores(trainer, folder / SCORES_FILE, columns["scores"])
 
     def prediction_extras(self) -> dict[str, Tensor]:
         """What ``latents.pt`` holds beside the posterior means: the posterior covariance G

@@ -92,6 +92,16 @@ def observed_log_likelihood(
     return posterior(x, loadings, noise_variance, mean).log_likelihood
 
 
+def observed_regression_scores(
+    x: Tensor, loadings: Tensor, noise_variance: Tensor, mean: Tensor, rotation: Tensor
+) -> Tensor:
+    """Regression (Thurstone) factor scores of rows with missing values: E[f | x_O] for the
+    rotated factors f = T^T z (``rotation`` T, from :func:`vaeflow.analysis.rotate`), the
+    posterior mean of the unrotated factors z given the observed values, turned by T. For a
+    complete row they are the complete-data regression scores."""
+    return posterior(x, loadings, noise_variance, mean).mean @ rotation
+
+
 def zero_sums(dim: int, latent: int, like: Tensor) -> MissingSums:
     """The sums before any row, float64 on ``like``'s device."""
     k = latent + 1
