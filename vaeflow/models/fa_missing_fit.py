@@ -83,7 +83,10 @@ class MissingFitter(Fitter):
         converged = self.stopping.converged(ll.item(), (trace + ll.abs()).item())
         if converged or int(model.n_iter) >= model.hparams.max_iter:
             return False
-        w, psi, step = m_step(statistics, self.floor, model.isotropic)
+        # D solves of size M + 1: threads only wait for each other (23 ms on two busy cores
+        # for 12 systems of 4, against well under 1 ms on one thread)
+        with single_thread_if(model.dim * (model.latent_dim + 1) ** 3 < SMALL_WORK):
+            w, psi, step = m_step(statistics, self.floor, model.isotropic)
         self.set(w, psi)
         model.mean.add_(step)
         model.n_iter += 1
