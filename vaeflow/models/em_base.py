@@ -82,8 +82,10 @@ class Pass(ABC):
 def common_shift(model: LightningModule, x: Tensor) -> Tensor:
     """A shift for float64 sums of squares that every process shares: rank 0's first batch
     mean. Sums about it avoid the cancellation in E[x x^T] - mu mu^T where the mean is large
-    against the spread (an offset of 1e6); any shift gives the same result up to rounding."""
-    return model.trainer.strategy.broadcast(x.mean(0, dtype=F64), src=0)
+    against the spread (an offset of 1e6); any shift gives the same result up to rounding.
+    NaN (a missing value) is left out of the mean, and a feature without a value (a batch
+    emptied of incomplete rows) gets 0."""
+    return model.trainer.strategy.broadcast(x.nanmean(0, dtype=F64).nan_to_num(), src=0)
 
 
 class EMFit(ABC):
@@ -136,6 +138,7 @@ class EMFit(ABC):
             raise DataError(
                 f"{name}: the training data contain NaN or infinite values (or values too "
                 "large for float64 sums); clean or impute them before fitting"
+                f"{getattr(self.model, 'missing_values_advice', '')}"
             )
         with torch.no_grad(), torch.autocast(sums[0].device.type, enabled=False):
             self.current = self.current.finish(*sums)

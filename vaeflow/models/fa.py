@@ -9,17 +9,20 @@ taken once per pass. The two ways to fit (``moments``, ``streaming``) are object
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from vaeflow.analysis.rotation import ROTATIONS, Rotation, rotate
-from vaeflow.callbacks.factor_report import FactorReport
-from vaeflow.errors import ConfigError
+from vaeflow.analysis.scores import factor_score_weights
+from vaeflow.callbacks.factor_report import SCORES_FILE, FactorReport, write_scores
+from vaeflow.errors import ConfigError, DataError
 from vaeflow.models.em_base import F64, EMFit, EMModel
 from vaeflow.models.fa_fit import MomentsFitter, StreamingFitter
 from vaeflow.models.fa_math import (
@@ -29,6 +32,8 @@ from vaeflow.models.fa_math import (
     posterior_covariance,
     posterior_mean,
 )
+from vaeflow.models.fa_missing import observed_log_likelihood, observed_regression_scores
+from vaeflow.models.fa_missing_fit import MissingFitter
 
 #: Smallest ``noise_floor``: the rounding of the covariance S (relative ~1e-16 times the growth
 #: of its sums) is divided by the floor in the log-likelihood. Measured on 500 examples with a
@@ -99,6 +104,15 @@ class FactorAnalysis(EMModel):
             (orthogonal ``varimax``, ``quartimax``, ``equamax``; oblique ``promax``,
             ``oblimin``, ``quartimin``, ``geomin``) or ``none``. The likelihood does not change
             under rotation, and ``loadings`` keep the unrotated maximum-likelihood solution.
+        missing: what NaN in the data means. ``refuse``: an error, which names the other two;
+            ``fiml``: a missing value, and the fit is full-information maximum likelihood, EM
+            on each row's observed values (:mod:`vaeflow.models.fa_missing`; in memory on the
+            first pass's batches, or with ``streaming`` one EM iteration per pass; the mean is
+            fitted too, and ``log_likelihood`` is the observed-data one); ``complete_cases``:
+            rows with a NaN are left out of the fit.
+        scores: the factor scores of :meth:`factor_scores`, which ``vaeflow predict`` writes
+            to ``scores.csv`` (:mod:`vaeflow.analysis.scores`): ``regression`` (Thurstone, the
+            posterior means of the rotated factors), ``bartlett`` or ``ten_berge``.
         seed: seed of the random initialisation and of the streaming PPCA sketch.
         data_log_scale: log of the factor the data module divided the data by (linked by the
             CLI from the data module's ``log_scale``), for bits per dimension on the data's
@@ -109,6 +123,11 @@ class FactorAnalysis(EMModel):
     #: A data module without an explicit ``val_fraction`` gives factor analysis every row: the
     #: maximum-likelihood fit is of all the data, and a validation split is a check to ask for.
     default_val_fraction: ClassVar[float] = 0.0
+    #: What the data modules' message about NaN in the data adds.
+    missing_values_advice: ClassVar[str] = (
+        ", or set the model's missing: fiml (full-information maximum likelihood: every "
+        "observed value counts) or missing: complete_cases (rows with a NaN are left out)"
+    )
 
     def __init__(
         self,
@@ -124,6 +143,8 @@ class FactorAnalysis(EMModel):
         constant_feature_variance: float = 1e-12,
         accelerate: bool = True,
         rotation: str = "none",
+        missing: Literal["refuse", "fiml", "complete_cases"] = "refuse",
+        scores: Literal["regression", "bartlett", "ten_berge"] = "regression",
         seed: int = 0,
         data_log_scale: float = 0.0,
     ) -> None:
@@ -147,6 +168,8 @@ class FactorAnalysis(EMModel):
             )
         self.latent_dim = latent_dim
         self.isotropic = noise == "isotropic"
+        #: Rows left out of the last fit for a missing value (``missing: complete_cases``).
+        self.incomplete_rows = 0
         #: Goodness of fit of the training data (:class:`vaeflow.analysis.FitStatistics` as a
         #: dict: chi-square, RMSEA, TLI, BIC, SRMR, ...) when fitted by ``moments`` on data
         #: without constant features; None otherwise.
@@ -179,11 +202,26 @@ class FactorAnalysis(EMModel):
         x = torch.as_tensor(x)
         return x.reshape(len(x), -1).to(self.mean) - self.mean
 
+    @property
+    def missing_values(self) -> str | None:
+        """None when NaN in the data is an error; else what NaN means, for messages."""
+        return None if self.hparams.missing == "refuse" else f"missing: {self.hparams.missing}"
+
     @torch.no_grad()
     def log_likelihood(self, x: Tensor) -> Tensor:
         """Exact log p(x) of each example (N,), in O(N D M), accurate to float64 round-off
-        even when noise variances are tiny (see :mod:`vaeflow.models.fa_math`)."""
-        return log_likelihood(self._centred(x), factorise(self.loadings, self.noise_variance))
+        even when noise variances are tiny (see :mod:`vaeflow.models.fa_math`). A row with
+        NaN gets the log-likelihood of its observed values, the others integrated out."""
+        centred = self._centred(x)
+        factors = factorise(self.loadings, self.noise_variance)
+        incomplete = torch.isnan(centred).any(1)
+        if not incomplete.any():
+            return log_likelihood(centred, factors)
+        out = log_likelihood(centred.nan_to_num(), factors)
+        out[incomplete] = observed_log_likelihood(
+            centred[incomplete], self.loadings, self.noise_variance, torch.zeros_like(self.mean)
+        )
+        return out
 
     @torch.no_grad()
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -203,6 +241,36 @@ class FactorAnalysis(EMModel):
         return rotate(self.loadings.detach(), self.hparams.rotation)
 
     @torch.no_grad()
+    def factor_scores(
+        self, x: Tensor, method: str | None = None, rotation: Rotation | None = None
+    ) -> Tensor:
+        """Factor scores (N x M) of the rotated factors by ``method`` (default: ``scores``).
+        Rows with NaN get regression scores of their observed values (the other methods need
+        every value).
+
+        Args:
+            x: examples (N x ...), a tensor or an array.
+            method: ``regression``, ``bartlett`` or ``ten_berge``.
+            rotation: :meth:`rotated`, when the caller has it (it iterates).
+        """
+        method = method or self.hparams.scores
+        rotation = rotation or self.rotated()
+        centred = self._centred(x)
+        if torch.isnan(centred).any():
+            if method != "regression":
+                raise DataError(
+                    f"FactorAnalysis: {method} factor scores need every value, and the data "
+                    "hold NaN; regression scores (scores: regression) take each row's "
+                    "observed values"
+                )
+            zero = torch.zeros_like(self.mean)
+            return observed_regression_scores(
+                centred, self.loadings, self.noise_variance, zero, rotation.rotation
+            )
+        weights = factor_score_weights(rotation.loadings, self.noise_variance, method, rotation.phi)
+        return centred @ weights
+
+    @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         """n draws from the model, shaped (n, *input_shape)."""
         z = torch.randn(n, self.latent_dim, dtype=self.mean.dtype, device=self.mean.device)
@@ -214,7 +282,32 @@ class FactorAnalysis(EMModel):
 
     @override
     def make_fit(self, state: dict[str, Any] | None) -> EMFit:
+        self.incomplete_rows = 0
+        if self.hparams.missing == "fiml":
+            return MissingFitter(self, state)
         return (StreamingFitter if self.streaming else MomentsFitter)(self, state)
+
+    @override
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """With ``missing: complete_cases``, the batch's rows without NaN."""
+        if self.hparams.missing == "complete_cases":
+            x = self.flat(batch)
+            complete = ~torch.isnan(x).any(1)
+            self.incomplete_rows += len(x) - int(complete.sum())
+            batch = x[complete]
+        super().training_step(batch, batch_idx)
+
+    @override
+    def on_fit_end(self) -> None:
+        """Say how many rows ``complete_cases`` left out, over every process."""
+        super().on_fit_end()
+        if self.hparams.missing == "complete_cases":
+            left_out = torch.tensor(float(self.incomplete_rows), device=self.mean.device)
+            self.incomplete_rows = int(self.trainer.strategy.reduce(left_out, reduce_op="sum"))
+            rank_zero_info(
+                f"FactorAnalysis: {self.incomplete_rows} rows with a missing value were left "
+                "out of the fit (missing: complete_cases)"
+            )
 
     @override
     def configure_callbacks(self) -> list[Callback]:
@@ -250,8 +343,20 @@ class FactorAnalysis(EMModel):
         self.record_row(iterate.iteration, row)
 
     @override
-    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        return self.posterior(batch)[0]
+    def on_predict_start(self) -> None:
+        self._rotation = self.rotated()
+
+    @override
+    def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """The posterior means (``latents``) and the factor scores (``scores``)."""
+        return {
+            "latents": self.posterior(batch)[0],
+            "scores": self.factor_scores(batch, rotation=self._rotation),
+        }
+
+    def write_prediction_tables(self, trainer: Trainer, folder: Path, columns: dict) -> None:
+        """``scores.csv`` in the run folder (:func:`write_scores`)."""
+        write_scores(trainer, folder / SCORES_FILE, columns["scores"])
 
     def prediction_extras(self) -> dict[str, Tensor]:
         """What ``latents.pt`` holds beside the posterior means: the posterior covariance G
