@@ -329,6 +329,7 @@ class FactorAnalysis(ReadyForInference):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._resume = checkpoint.get(CHECKPOINT_KEY)
         self.fit_statistics = checkpoint.get(STATISTICS_KEY)
 
