@@ -45,7 +45,7 @@ from vaeflow.runs import (
     restore_given_versions,
 )
 from vaeflow.steps_per_call import fitting
-from vaeflow.user_errors import check_config_files, explain
+from vaeflow.user_errors import check_config_files, check_run_settings, explain
 from vaeflow.utils import as_list
 
 #: The default progress bar (see :meth:`VaeflowCLI.before_instantiate_classes`).
@@ -163,6 +163,7 @@ class VaeflowCLI(LightningCLI):
         if subcommand is None:
             return
         config = self.config[subcommand]
+        check_run_settings(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == LAST:
             ckpt_path = config.ckpt_path = resolve_last(config.trainer, subcommand)

@@ -39,7 +39,7 @@ from vaeflow.priors import (
 )
 from vaeflow.registry import LIKELIHOODS, POSTERIORS, PRIORS
 from vaeflow.steps_per_call import SteppedModule
-from vaeflow.utils import as_list, at_least_float32
+from vaeflow.utils import as_list, at_least_float32, check_memory
 
 Estimator = Literal["analytic_kl", "monte_carlo", "importance_weighted"]
 #: Burda et al.'s (2016) threshold on the variance over the data of E_q[z_j | x].
@@ -550,6 +550,16 @@ class VAE(ReadyForInference, SteppedModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         for data in getattr(datamodule, "splits", {}).values():
             self.likelihood.check_support(data)
+        batch_size = getattr(datamodule, "batch_size", None)
+        if stage == "fit" and isinstance(batch_size, int):
+            # each sample of each example holds the decoder's outputs and the latent code,
+            # with their gradients and the activations between them: a few copies of both
+            per_sample = self.likelihood.num_outputs + self.posterior.num_outputs
+            check_memory(
+                batch_size * self.num_samples * per_sample * 4 * 8,
+                f"a training step with num_samples={self.num_samples} and batch_size={batch_size}",
+                "choose fewer samples (num_samples) or a smaller batch_size",
+            )
         super().setup(stage)
 
     @override
