@@ -223,10 +223,10 @@ class InMemoryDataModule(LightningDataModule):
         }
         self.indices = rows
         self._bounds = finite_bounds(
-            [(splits[s], rows[s]) for s in SPLITS if origin[s] is train], self.source("train")
+            [(s, splits[s], rows[s]) for s in SPLITS if origin[s] is train], self.source("train")
         )
         if test is not None:
-            finite_bounds([(splits["test"], rows["test"])], self.source("test"))
+            finite_bounds([("test", splits["test"], rows["test"])], self.source("test"))
         if self.dequantize != "none" and self.value_range is None:
             for data in splits.values():
                 if not torch.equal(data, data.round()):

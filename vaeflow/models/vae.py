@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
 from vaeflow.callbacks import prediction_callbacks
-from vaeflow.errors import ConfigError
+from vaeflow.errors import ConfigError, DataError
 from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood, check_scale_range
 from vaeflow.metrics import EpochMeans, bits_per_dim
@@ -50,6 +50,20 @@ ACTIVE_UNIT_VARIANCE = 0.01
 CPU_EVAL_CHUNK_NUMBERS = 2**20
 #: the same on accelerators: 2^24 (64 MiB), fewer and larger kernels.
 EVAL_CHUNK_NUMBERS = 2**24
+
+
+def check_representable(data: Tensor, dtype: torch.dtype, what: str) -> None:
+    """Refuse data that would turn infinite in the networks' ``dtype`` (float64 data of 1e300
+    are finite; in float32 they are infinite, and training would seem to diverge)."""
+    if not data.is_floating_point() or torch.finfo(data.dtype).max <= torch.finfo(dtype).max:
+        return
+    largest = data.abs().max().item()
+    if largest > torch.finfo(dtype).max:
+        raise DataError(
+            f"{what} holds values up to {largest:.3g} in magnitude, which overflow {dtype} "
+            f"(largest {torch.finfo(dtype).max:.3g}), in which the VAE computes: rescale the "
+            "data (data option scale: true maps them to [0, 1])"
+        )
 
 
 def samples_per_chunk(examples: int, outputs_per_example: int, device: torch.device) -> int:
@@ -548,8 +562,9 @@ class VAE(ReadyForInference, SteppedModule):
     def setup(self, stage: str) -> None:
         """Check the data against the likelihood's support once, before any step runs."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        for data in getattr(datamodule, "splits", {}).values():
+        for split, data in getattr(datamodule, "splits", {}).items():
             self.likelihood.check_support(data)
+            check_representable(data, self.dtype, f"the {split} split")
         batch_size = getattr(datamodule, "batch_size", None)
         if stage == "fit" and isinstance(batch_size, int):
             # each sample of each example holds the decoder's outputs and the latent code,
