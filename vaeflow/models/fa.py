@@ -25,6 +25,7 @@ from vaeflow.callbacks import prediction_callbacks
 from vaeflow.callbacks.factor_report import FactorReport
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.metrics import EpochMeans, bits_per_dim
+from vaeflow.models.em_base import check_latent_dim
 from vaeflow.models.fa_fit import Fitter, MomentsFitter, StreamingFitter
 from vaeflow.models.fa_math import (
     Iterate,
@@ -33,6 +34,7 @@ from vaeflow.models.fa_math import (
     posterior_covariance,
     posterior_mean,
 )
+from vaeflow.models.inputs import as_examples
 from vaeflow.models.loading import ReadyForInference
 
 #: Smallest ``noise_floor``: the rounding of the covariance S (relative ~1e-16 times the growth
@@ -193,12 +195,7 @@ class FactorAnalysis(ReadyForInference):
     def _build(self, input_shape: tuple[int, ...]) -> None:
         """Check the sizes and create the parameters."""
         dim = math.prod(input_shape)
-        if not 1 <= self.latent_dim < dim:
-            raise ConfigError(
-                f"FactorAnalysis: latent_dim must be between 1 and D - 1 = {dim - 1} for data of "
-                f"dimension D = {dim}, got {self.latent_dim} (with M >= D the model is not "
-                "identified)"
-            )
+        check_latent_dim("FactorAnalysis", self.latent_dim, dim)
         self.input_shape, self.dim = input_shape, dim
         self.hparams.input_shape = input_shape  # so that a checkpoint reloads alone
         hp = self.hparams
@@ -215,7 +212,7 @@ class FactorAnalysis(ReadyForInference):
     def _centred(self, x: Tensor | np.ndarray) -> Tensor:
         """x (N x ...) minus the mean, as a float64 tensor on the model's device: users hold
         tensors of any float type and NumPy arrays."""
-        x = torch.as_tensor(x)
+        x = as_examples(x, self.input_shape, "FactorAnalysis")
         return x.reshape(len(x), -1).to(self.mean) - self.mean
 
     @torch.no_grad()

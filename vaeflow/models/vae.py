@@ -27,6 +27,7 @@ from vaeflow.errors import ConfigError, DataError
 from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood, check_scale_range
 from vaeflow.metrics import EpochMeans, bits_per_dim
+from vaeflow.models.inputs import as_examples
 from vaeflow.models.loading import ReadyForInference
 from vaeflow.nets import NetFactory, build_net
 from vaeflow.posteriors import Posterior, PosteriorContext, check_posterior_factorises
@@ -263,7 +264,7 @@ class VAE(ReadyForInference, SteppedModule):
         """``x`` as the networks take it: a tensor on the model's device, floats in its dtype
         (users hold float64 tensors and NumPy arrays, and data modules keep float64 arrays in
         float64 for factor analysis)."""
-        x = torch.as_tensor(x, device=self.device)
+        x = as_examples(x, self.input_shape, "VAE").to(self.device)
         return x.to(self.dtype) if x.is_floating_point() and x.dtype != self.dtype else x
 
     def gradients(self) -> torch.set_grad_enabled:
@@ -340,6 +341,8 @@ class VAE(ReadyForInference, SteppedModule):
         posterior widened by 20% of a linear-Gaussian model, ``monte_carlo`` has the smaller
         variance; on an untrained digits VAE, ``analytic_kl`` has.
         """
+        x = self.as_input(x)
+        self.likelihood.check_support(x)
         with self.gradients():
             return self.elbo_terms(x, num_samples, estimator)[0]
 
@@ -384,6 +387,7 @@ class VAE(ReadyForInference, SteppedModule):
         K grows.
         """
         x = self.as_input(x)
+        self.likelihood.check_support(x)
         if chunk_size is None:
             chunk_size = samples_per_chunk(len(x), self.likelihood.num_outputs, x.device)
         with torch.no_grad():
