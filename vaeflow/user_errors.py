@@ -107,6 +107,11 @@ def parser_message(message: str) -> str:
         indent = min(len(line) - len(line.lstrip()) for line in lines[1:])
         lines = [lines[0], *("  " + line[indent:] for line in lines[1:])]
     text = re.sub(r"<class '([\w.]+)'>", r"\1", "\n".join(lines))
+    # Python's advice for an integer of thousands of digits is for programmers
+    text = text.replace(
+        "; use sys.set_int_max_str_digits() to increase the limit",
+        ": no size or count is that large",
+    )
     unknown = re.search(r"Option '(\w+)' is not accepted", text)
     # the class whose option it is: the innermost class_path named before it
     owners = re.findall(r"class_path '([\w.]+)'", text[: unknown.start()] if unknown else "")

@@ -230,16 +230,17 @@ class VAE(ReadyForInference, SteppedModule):
         self.latent_dim = latent_dim
         self.likelihood = LIKELIHOODS.build(likelihood)
         self.likelihood.bind(self.input_shape)
-        check_likelihood(self.likelihood)
         self.posterior = POSTERIORS.build(posterior)
         self.posterior.bind(PosteriorContext(latent_dim, self.posterior_scale_range))
-        check_posterior(self.posterior, latent_dim)
         self.encoder = build_net(encoder or "mlp", self.input_shape, (self.posterior.num_outputs,))
-        check_net(self.encoder, "encoder", self.input_shape, self.posterior.num_outputs)
         self.decoder = build_net(decoder or "mlp", (latent_dim,), self.likelihood.output_shape)
-        check_net(self.decoder, "decoder", (latent_dim,), self.likelihood.num_outputs)
         self.prior = PRIORS.build(prior)
         self.prior.bind(PriorContext(latent_dim, self.input_shape, self.encode))
+        # each part on two examples, once the networks (the largest parts) fit in memory
+        check_likelihood(self.likelihood)
+        check_posterior(self.posterior, latent_dim)
+        check_net(self.encoder, "encoder", self.input_shape, self.posterior.num_outputs)
+        check_net(self.decoder, "decoder", (latent_dim,), self.likelihood.num_outputs)
         check_prior(self.prior, latent_dim)
         check_objective(estimator, beta, kl_warmup_steps, free_bits, dreg)
         if free_bits and self.prior.marginals() is None:
