@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -521,3 +522,65 @@ def test_a_bad_input_is_a_message_and_touches_no_file(
     assert case.says in message, message
     after = digests(tmp_path)
     assert {path: after.get(path) for path in before} == before
+
+
+# -- the Python API ----------------------------------------------------------------------------
+
+#: a file given to ``load_from_checkpoint`` -> what the CheckpointError says
+UNLOADABLE: dict[str, tuple[Setup | None, str]] = {
+    "missing": (None, "checkpoint not found"),
+    "empty": (write("c.ckpt", b""), "is empty (0 bytes)"),
+    "truncated": (
+        lambda folder, mp: (folder / "c.ckpt").write_bytes((folder / CKPT).read_bytes()[:9000]),
+        "cannot be read",
+    ),
+    "foreign": (write("c.ckpt", random.Random(20).randbytes(4096)), "cannot be read (KeyError"),
+    "pickled": (saved("c.ckpt", {"state_dict": {}, "p": Path("x")}), "pickled Python objects"),
+    "weights alone": (saved("c.ckpt", {"state_dict": {}}), "is not a Lightning checkpoint"),
+    "NaN weights": (edited(first_weight(lambda w: w * float("nan"))), "NaN or infinite weights"),
+    "missing weight": (edited(drop_first_weight), "missing weights: "),
+}
+
+LOADS_AS_VAE = ("missing weight", "FactorAnalysis")
+
+
+@pytest.mark.parametrize(
+    ("kind", "model"),
+    # a VAE's file with a weight missing: FactorAnalysis reads it as the VAE it describes
+    [(k, m) for k in UNLOADABLE for m in ("VAE", "FactorAnalysis") if (k, m) != LOADS_AS_VAE],
+)
+def test_load_from_checkpoint_uses_the_clis_reader_and_messages(
+    kind: str, model: str, earlier_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vaeflow import models
+    from vaeflow.errors import CheckpointError
+
+    shutil.copytree(earlier_run, tmp_path, dirs_exist_ok=True)
+    setup, says = UNLOADABLE[kind]
+    if setup is not None:
+        setup(tmp_path, monkeypatch)
+    with pytest.raises(CheckpointError, match=re.escape(says)):
+        getattr(models, model).load_from_checkpoint(tmp_path / "c.ckpt")
+
+
+def test_the_python_api_checks_what_it_is_given(earlier_run: Path) -> None:
+    """Bernoulli data of 2.0 gave a log-likelihood of +19.4 nats; a 1-D tensor of 20 values gave
+    factor analysis's 20 numbers."""
+    from vaeflow.errors import DataError
+    from vaeflow.models import VAE, FactorAnalysis
+
+    vae = VAE.load_from_checkpoint(earlier_run / CKPT)
+    x = torch.full((3, 64), 2.0)
+    with pytest.raises(DataError, match=r"outside the support of the 'bernoulli' likelihood"):
+        vae.log_likelihood(x, num_samples=4)
+    with pytest.raises(DataError, match="outside the support"):
+        vae.elbo(x)
+    with pytest.raises(DataError, match=r"that is one example; add the batch dimension, x\[None\]"):
+        vae.elbo(torch.rand(64))
+    assert vae.elbo(torch.rand(1, 64).round()).shape == (1,)
+    fa = FactorAnalysis(input_shape=(20,), latent_dim=2)
+    with pytest.raises(DataError, match=r"got a tensor of shape \(20,\): that is one example"):
+        fa.log_likelihood(torch.randn(20))
+    with pytest.raises(DataError, match=r"examples of shape \(N, 20\).*got a tensor of shape"):
+        fa.log_likelihood(torch.randn(4, 21))
+    assert fa.log_likelihood(torch.randn(1, 20)).shape == (1,)

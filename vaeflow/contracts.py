@@ -25,7 +25,7 @@ EXAMPLES = 2
 
 def class_name(part: Any) -> str:
     cls = type(part)
-    registered = getattr(cls, "registered_name", None)
+    registered = vars(cls).get("registered_name")  # not a registered parent's name
     return f"{cls.__module__}.{cls.__qualname__}" + (f" ({registered!r})" if registered else "")
 
 
