@@ -13,8 +13,9 @@ from vaeflow.errors import DataError
 
 
 def as_examples(x: Tensor | np.ndarray, input_shape: tuple[int, ...], model: str) -> Tensor:
-    """``x`` as a tensor of examples ``(N, *input_shape)``, or ``(N, D)`` with D the number of
-    values of one example; leading sample dimensions ``(K, N, ...)`` are kept.
+    """``x`` as a tensor of examples ``(N, *input_shape)``: given so (leading sample dimensions
+    ``(K, N, ...)`` are kept), or as N examples of the same number of values in another shape
+    (rows of D values, images of flat data), reshaped.
 
     Raises:
         DataError: ``x`` is not numeric, or its examples are not of the model's shape (a single
@@ -30,15 +31,16 @@ def as_examples(x: Tensor | np.ndarray, input_shape: tuple[int, ...], model: str
     k = len(shape)
     if x.dim() > k and tuple(x.shape[-k:]) == shape:
         return x
-    if x.dim() >= 2 and x.shape[-1] == dim and k > 1:
-        return x  # examples flattened to rows
+    if x.dim() >= 2 and math.prod(x.shape[1:]) == dim:
+        return x.reshape(len(x), *shape)  # examples flattened to rows, or images of flat data
     single = tuple(x.shape) in (shape, (dim,))
     hint = (
         ": that is one example; add the batch dimension, x[None] (or x.reshape(1, -1))"
         if single
         else ""
     )
+    flat = f" (or (N, {dim}) flattened)" if k > 1 else ""
     raise DataError(
-        f"{model}: x must hold examples of shape (N, {', '.join(map(str, shape))}) (or "
-        f"(N, {dim}) flattened); got a tensor of shape {tuple(x.shape)}{hint}"
+        f"{model}: x must hold examples of shape (N, {', '.join(map(str, shape))}){flat}; got a "
+        f"tensor of shape {tuple(x.shape)}{hint}"
     )
