@@ -23,6 +23,13 @@ from vaeflow.errors import ConfigError
 EXAMPLES = 2
 
 
+def zeros(part: nn.Module, *shape: int) -> Tensor:
+    """Inputs for ``part`` in the float type of its weights (a model may be in float64)."""
+    tensors = [*part.parameters(), *part.buffers()]
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
+    return torch.zeros(*shape, dtype=dtype)
+
+
 def class_name(part: Any) -> str:
     cls = type(part)
     registered = vars(cls).get("registered_name")  # not a registered parent's name
@@ -109,7 +116,7 @@ def check_likelihood(likelihood: Any) -> None:
         "Bernoulli(logits=params[..., 0]); log_prob(outputs, x) returns one number per example"
     )
     with exercised(likelihood, role, fix):
-        outputs = torch.zeros(EXAMPLES, likelihood.num_outputs)
+        outputs = zeros(likelihood, EXAMPLES, likelihood.num_outputs)
         distribution = likelihood(outputs)
         expected = f"batch shape ({EXAMPLES},) and event shape {event}"
         ok = is_distribution((EXAMPLES,), event)
@@ -161,7 +168,7 @@ def check_posterior(posterior: Any, latent_dim: int) -> None:
         f"event shape ({latent_dim},) with rsample()"
     )
     with exercised(posterior, role, fix):
-        distribution = posterior(torch.zeros(EXAMPLES, posterior.num_outputs))
+        distribution = posterior(zeros(posterior, EXAMPLES, posterior.num_outputs))
         expected = f"batch shape ({EXAMPLES},) and event shape ({latent_dim},)"
         ok = is_distribution((EXAMPLES,), (latent_dim,))
         expect(posterior, role, "forward(outputs)", distribution, expected, ok, fix)
@@ -178,6 +185,6 @@ def check_net(net: nn.Module, role: str, input_shape: tuple[int, ...], outputs: 
         "registered by name is built as cls(input_shape, output_shape, **init_args)"
     )
     with exercised(net, role, fix):
-        value = net(torch.zeros(EXAMPLES, *input_shape))
+        value = net(zeros(net, EXAMPLES, *input_shape))
         expected = f"{outputs} numbers for each of the {EXAMPLES} examples"
         expect(net, role, "forward(x)", value, expected, per_example(outputs), fix)

@@ -57,7 +57,11 @@ EVAL_CHUNK_NUMBERS = 2**24
 def check_representable(data: Tensor, dtype: torch.dtype, what: str) -> None:
     """Refuse data that would turn infinite in the networks' ``dtype`` (float64 data of 1e300
     are finite; in float32 they are infinite, and training would seem to diverge)."""
-    if not data.is_floating_point() or torch.finfo(data.dtype).max <= torch.finfo(dtype).max:
+    if (
+        not data.numel()
+        or not data.is_floating_point()
+        or torch.finfo(data.dtype).max <= torch.finfo(dtype).max
+    ):
         return
     largest = data.abs().max().item()
     if largest > torch.finfo(dtype).max:
