@@ -567,7 +567,8 @@ def write_npz(name: str) -> Callable[[Path], Path]:
         (
             write_array("x.npy", np.array([[0.0, 1.0], [2.0, np.nan], [np.inf, 0.0]])),
             None,
-            "NaN or infinite values in 2 examples \\(the first is row 1\\)",
+            r"NaN or infinite values in 2 examples of the train split \(the first is row 1 of the "
+            r"file\)",
         ),
         (write_npz("x.npz"), None, r"holds several arrays \(images, labels\): choose one with"),
         (write_npz("x.npz"), "pixels", "has no array 'pixels'; its keys are: images, labels"),

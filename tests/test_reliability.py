@@ -8,6 +8,7 @@ import csv
 import hashlib
 import multiprocessing
 import os
+import random
 import re
 import signal
 import subprocess
@@ -116,13 +117,18 @@ def test_parser_mistakes_come_first_with_a_suggestion(capsys) -> None:
     assert "unrecognized arguments: --trainer.max_epochss 3" in err
 
 
-#: kind of broken checkpoint -> what the message says
+#: kind of broken checkpoint -> what the message says. Random bytes make torch's unpickler raise
+#: UnpicklingError mostly, but IndexError (seed 2) or KeyError (seed 20) in about 7% of files:
+#: os.urandom here once made this test fail now and then; fixed seeds cover each type.
 BROKEN = {
     "empty": "is empty (0 bytes)",
-    "random bytes": "cannot be read",
+    "random bytes": "cannot be read (UnpicklingError",
+    "random bytes, IndexError": "cannot be read (IndexError",
+    "random bytes, KeyError": "cannot be read (KeyError",
     "truncated": "cannot be read",
     "pickled code": "holds pickled Python objects (argparse.Namespace)",
 }
+RANDOM_SEEDS = {"random bytes": 0, "random bytes, IndexError": 2, "random bytes, KeyError": 20}
 
 
 @pytest.mark.parametrize("kind", BROKEN)
@@ -130,10 +136,11 @@ def test_unusable_checkpoints_are_messages(capsys, tmp_path, trained, kind) -> N
     path = tmp_path / "broken.ckpt"
     if kind == "pickled code":
         torch.save({"state_dict": {}, "hyper_parameters": Namespace(lr=1)}, path)
+    elif kind in RANDOM_SEEDS:
+        path.write_bytes(random.Random(RANDOM_SEEDS[kind]).randbytes(4096))
     else:
         data = trained.read_bytes()
-        content = {"empty": b"", "random bytes": os.urandom(4096), "truncated": data[:20000]}
-        path.write_bytes(content[kind])
+        path.write_bytes({"empty": b"", "truncated": data[:20000]}[kind])
     err = user_error(capsys, "test", "--config", QUICKSTART, "--ckpt_path", str(path))
     assert str(path) in err and BROKEN[kind] in err
 
@@ -343,7 +350,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"\(disk full\).*the previous .* is kept whole"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
     assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.ones(3))

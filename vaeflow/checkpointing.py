@@ -16,8 +16,6 @@ import inspect
 import os
 import pickle
 import random
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +23,16 @@ import torch
 from jsonargparse.typing import import_object
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import Tensor
+from torch.nn import Module
 from typing_extensions import override
 
 from vaeflow.errors import CheckpointError
 
 #: The file name (without ``.ckpt``) of the checkpoint ``--ckpt_path last`` resumes from.
 LAST = "last"
+#: The key holding the Lightning version that wrote a checkpoint, which Lightning needs to read it.
+LIGHTNING_VERSION = "pytorch-lightning_version"
 
 #: Init args that say how a model is trained or evaluated, not what its trained parameters
 #: mean: under ``--ckpt_path`` the command's config sets them, whatever the checkpoint holds.
@@ -85,6 +87,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
+        except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as either
+            kept = f"the previous {path} is kept whole" if path.exists() else "none was written"
+            raise CheckpointError(
+                f"could not write checkpoint {path} ({describe_write_error(error)}), so the run "
+                f"stopped; {kept}. Free disk space (or choose another trainer.default_root_dir "
+                "or logger save_dir), then continue with --ckpt_path last"
+            ) from error
         finally:
             temporary.unlink(missing_ok=True)
         folder = os.open(path.parent, os.O_RDONLY)
@@ -92,6 +101,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(folder)  # the rename itself reaches the disk
         finally:
             os.close(folder)
+
+
+def describe_write_error(error: BaseException) -> str:
+    """What went wrong in a write: the system's words for an ``OSError`` (``No space left on
+    device``), the first line of anything else."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -102,6 +120,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             pickled objects that only arbitrary code could rebuild.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder: give the path of a .ckpt file in it, e.g. "
+            f"{path / LAST}.ckpt"
+        )
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint not found: {path.resolve()}. Give the path of a .ckpt file (runs keep "
@@ -115,33 +138,130 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if found is None:  # not a pickle of objects: bytes of something else
+    except Exception as error:  # any bytes: torch's unpickler raises many types
+        unsafe = unsafe_globals(path) if isinstance(error, pickle.UnpicklingError) else []
+        if not unsafe:
             raise unreadable(path, error) from error
         raise CheckpointError(
-            f"checkpoint {path} holds pickled Python objects ({found.group(1)}) that only "
+            f"checkpoint {path} holds pickled Python objects ({', '.join(unsafe)}) that only "
             "running their code could rebuild, so vaeflow does not load it (weights_only "
             "loading). If you trust the file, load it in Python with "
             "torch.load(path, weights_only=False) and save a checkpoint of plain tensors and "
             "values (a vaeflow run writes such checkpoints)"
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise unreadable(path, error) from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    check_structure(path, checkpoint)
+    return checkpoint
+
+
+def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`read_checkpoint`, also refusing a file Lightning could not restore a model from
+    (one without the version Lightning stamps on every checkpoint it writes).
+
+    Raises:
+        CheckpointError: as :func:`read_checkpoint`, or the file lacks Lightning's stamp.
+    """
+    checkpoint = read_checkpoint(path)
+    if LIGHTNING_VERSION not in checkpoint:
         raise CheckpointError(
-            f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__} "
-            "without a 'state_dict'): give a .ckpt file written by vaeflow fit"
+            f"{path} is not a Lightning checkpoint (it has no {LIGHTNING_VERSION!r}): a "
+            "model's weights alone cannot be resumed or evaluated. Give a .ckpt file written "
+            "by vaeflow fit, or load the weights in Python with model.load_state_dict"
         )
     return checkpoint
 
 
+def unsafe_globals(path: Path) -> list[str]:
+    """The classes and functions whose pickled objects ``weights_only`` loading refused, read
+    from the file's opcodes without running them (none when it is no torch zip file)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch zip file: the caller says unreadable
+        return []
+
+
+def check_structure(path: Path, checkpoint: Any) -> None:
+    """Refuse a loaded checkpoint that Lightning could not restore: not a dict, a
+    ``state_dict`` that is not a dict of tensors or holds NaN or infinite values,
+    ``hyper_parameters`` that are not a dict.
+
+    Raises:
+        CheckpointError: what is wrong, and what to use instead.
+    """
+    where = f"{path} is not a Lightning checkpoint"
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{where} (it holds a {type(checkpoint).__name__} without a 'state_dict'): give a "
+            ".ckpt file written by vaeflow fit"
+        )
+    state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"{where}: its 'state_dict' is a {type(state).__name__}, not a dict of named "
+            "tensors. Use a .ckpt file written by vaeflow fit (or rebuild the file with "
+            "model.state_dict())"
+        )
+    hyper_parameters = checkpoint.get("hyper_parameters", {})
+    if not isinstance(hyper_parameters, dict):
+        raise CheckpointError(
+            f"{where}: its 'hyper_parameters' are a {type(hyper_parameters).__name__}, not a "
+            "dict of the model's settings. Use a .ckpt file written by vaeflow fit"
+        )
+    bad = [
+        name
+        for name, value in state.items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or infinite weights ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}): the run that wrote it had diverged. Use an "
+            "earlier checkpoint of that run, or train again with a smaller learning rate"
+        )
+
+
 def unreadable(path: Path, error: BaseException) -> CheckpointError:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    # torch's own text is a page of advice on weights_only for any bytes it cannot unpickle
+    short = text and "\n" not in text and len(text) < 200
+    detail = f"{type(error).__name__}: {text}" if short else type(error).__name__
     return CheckpointError(
-        f"checkpoint {path} cannot be read ({first_line}): it is truncated, corrupt, or not a "
-        "PyTorch checkpoint. Use another checkpoint of the run, e.g. its last.ckpt"
+        f"checkpoint {path} cannot be read ({detail}): it is truncated, corrupt, or "
+        "not a PyTorch checkpoint. Use another checkpoint of the run, e.g. its last.ckpt"
     )
+
+
+def check_state_dict(state: dict[str, Tensor], model: Module) -> None:
+    """Refuse a checkpoint's weights that do not fit ``model``: names missing or unknown, or of
+    another shape (what ``load_state_dict`` would raise, said as what to do).
+
+    Raises:
+        CheckpointError: the names and shapes that differ.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unknown = sorted(set(state) - set(expected))
+    shapes = [
+        f"{name} {tuple(state[name].shape)} (the model's: {tuple(value.shape)})"
+        for name, value in expected.items()
+        if name in state and state[name].shape != value.shape
+    ]
+    problems = [
+        f"{what}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+        for what, names in (
+            ("missing weights", missing),
+            ("weights the model does not have", unknown),
+            ("weights of another shape", shapes),
+        )
+        if names
+    ]
+    if problems:
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit the {type(model).__name__} it describes "
+            f"({'; '.join(problems)}): it was edited, or written by another version of the "
+            "model. Use a checkpoint written by vaeflow fit with this model"
+        )
 
 
 def latest_last_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -236,8 +356,18 @@ class RandomState(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
+        try:
+            version, internal, gauss = state_dict["python"]
+            python = (version, tuple(internal), gauss)
+            generator = torch.Generator()
+            generator.set_state(state_dict["torch"])  # checked before the global one is set
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(
+                f"the checkpoint's random-generator state is damaged ({type(error).__name__}: "
+                f"{error}), so the run cannot continue with the noise an uninterrupted one would "
+                "draw. Use another checkpoint of the run, or give --ckpt_path only to test it"
+            ) from error
+        random.setstate(python)
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -70,6 +70,13 @@ class DivergenceGuard(Callback):
             self.check(trainer, pl_module)
 
     @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check before validating too: parameters that turned NaN since the last check would
+        otherwise fail inside a distribution's argument check, with a traceback."""
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.check(trainer, pl_module)
+
+    @override
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:

@@ -27,7 +27,11 @@ from typing_extensions import override
 
 from vaeflow import data, models
 from vaeflow.callbacks.tracking import config_filename, run_dir, track_config
-from vaeflow.checkpointing import LAST, model_config, read_checkpoint
+from vaeflow.checkpointing import (
+    LAST,
+    model_config,
+    read_lightning_checkpoint,
+)
 from vaeflow.cli import DESCRIPTION, SUBCOMMANDS
 from vaeflow.cli_parser import VaeflowArgumentParser
 from vaeflow.console import closing_lines, quiet_run
@@ -41,7 +45,7 @@ from vaeflow.runs import (
     restore_given_versions,
 )
 from vaeflow.steps_per_call import fitting
-from vaeflow.user_errors import check_config_files, explain
+from vaeflow.user_errors import check_config_files, check_run_settings, explain
 from vaeflow.utils import as_list
 
 #: The default progress bar (see :meth:`VaeflowCLI.before_instantiate_classes`).
@@ -53,7 +57,8 @@ SAFETY_CALLBACKS = (
     "vaeflow.guards.InterruptCheckpoint",
     "vaeflow.checkpointing.RandomState",
 )
-#: ``--ckpt_path`` values that name no file (Lightning resolves them).
+#: ``--ckpt_path`` values that name no file, which Lightning resolves without vaeflow's checkpoint
+#: reader: ``best`` of a fit in the same process (a command has none), ``hpc`` and ``registry``.
 CKPT_KEYWORDS = ("best", "hpc", "registry")
 #: Where runs go unless ``trainer.default_root_dir`` or a logger says otherwise.
 RUNS_DIR = "runs"
@@ -158,12 +163,20 @@ class VaeflowCLI(LightningCLI):
         if subcommand is None:
             return
         config = self.config[subcommand]
+        check_run_settings(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == LAST:
             ckpt_path = config.ckpt_path = resolve_last(config.trainer, subcommand)
-        if ckpt_path is None or ckpt_path in (LAST, *CKPT_KEYWORDS):
+        if ckpt_path in CKPT_KEYWORDS:
+            raise CheckpointError(
+                f"--ckpt_path {ckpt_path}: vaeflow reads checkpoints by their path (checked, and "
+                "loaded without running pickled code): give the .ckpt file, e.g. "
+                "runs/<name>/version_<n>/checkpoints/last.ckpt, or --ckpt_path last for the "
+                "latest run's"
+            )
+        if ckpt_path is None or ckpt_path == LAST:
             return
-        checkpoint = read_checkpoint(ckpt_path)
+        checkpoint = read_lightning_checkpoint(ckpt_path)
         model = config.get("model")
         class_path = model.class_path if model is not None else None
         init_args = model.init_args.as_dict() if model is not None and model.init_args else {}

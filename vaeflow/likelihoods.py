@@ -242,8 +242,10 @@ class GaussianLikelihood(Likelihood):
             self.register_buffer("raw_std", torch.tensor(float(self.std)), persistent=False)
             return
         shape = self.event_shape if self.variance == "per_dimension" else ()
-        # inverse softplus, so that the initial standard deviation is ``std``
-        initial = math.log(math.expm1(self.std - self.min_std))
+        # inverse softplus, so that the initial standard deviation is ``std``: y + log(1 - e^-y),
+        # which unlike log(e^y - 1) does not overflow for a large std
+        excess = self.std - self.min_std
+        initial = excess + math.log(-math.expm1(-excess))
         self.raw_std = nn.Parameter(torch.full(shape, initial))
 
     def scale(self) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from vaeflow.errors import ConfigError
 from vaeflow.registry import NETS, register_net
+from vaeflow.utils import check_memory
 
 #: builds a network from the shape of one input example and the shape of one output.
 NetFactory = Callable[[tuple[int, ...], tuple[int, ...]], nn.Module]
@@ -68,6 +69,7 @@ class MLP(nn.Module):
         self.output_shape = tuple(output_shape)
         act = activation_class(activation)
         widths = [math.prod(self.input_shape), *hidden]
+        check_widths("MLP", [*widths, math.prod(self.output_shape)])
         layers: list[nn.Module] = []
         for width_in, width_out in itertools.pairwise(widths):
             layers += [nn.Linear(width_in, width_out), act()]
@@ -78,6 +80,27 @@ class MLP(nn.Module):
         outputs = self.layers(x.flatten(-len(self.input_shape)))
         # a flat output shape needs no view (each is an autograd node, in every step)
         return outputs if len(self.output_shape) == 1 else outputs.unflatten(-1, self.output_shape)
+
+
+def check_widths(net: str, widths: Sequence[int]) -> None:
+    """Refuse a layer width that is not positive, and layers too large for the memory (a
+    ``latent_dim`` of 10**9 asks for terabytes of weights).
+
+    Args:
+        net: the network's class name, for the message.
+        widths: the widths of its layers in order, input and output included.
+    """
+    if any(width < 1 for width in widths):
+        raise ConfigError(
+            f"{net}: every layer width (hidden sizes, channels, and the sizes of the input and "
+            f"output) must be a positive integer; got {list(widths)}"
+        )
+    weights = sum(a * b for a, b in itertools.pairwise(widths))
+    check_memory(
+        weights * 4 * 4,  # float32 weights, their gradient and two Adam moments
+        f"{net} with layers of widths {list(widths)}",
+        "choose smaller sizes (latent_dim, hidden)",
+    )
 
 
 def image_shape(shape: tuple[int, ...], strides: int, role: str) -> tuple[int, int, int]:
@@ -114,6 +137,7 @@ class ConvEncoder(nn.Module):
         activation: str = "ReLU",
     ) -> None:
         super().__init__()
+        check_widths("ConvEncoder", [*channels, hidden])
         in_channels, height, width = image_shape(tuple(input_shape), len(channels), "encoder")
         self.input_shape = tuple(input_shape)
         self.output_shape = tuple(output_shape)
@@ -156,6 +180,7 @@ class ConvDecoder(nn.Module):
         activation: str = "ReLU",
     ) -> None:
         super().__init__()
+        check_widths("ConvDecoder", [*channels, hidden])
         out_channels, height, width = image_shape(tuple(output_shape), len(channels), "decoder")
         self.input_shape = tuple(input_shape)
         self.output_shape = tuple(output_shape)

@@ -100,8 +100,13 @@ class Registry(Generic[T]):
                     self.add(entry_point.name, cls)
                 if entry_point.dist is not None:
                     self._distributions[entry_point.name] = entry_point.dist
-            except Exception as error:  # a broken plugin must not take the rest down
-                message = f"{type(error).__name__}: {error}"
+            except (Exception, SystemExit) as error:  # a broken plugin must not take the rest
+                # down, nor end the command (sys.exit on import would make it exit 0, done)
+                message = (
+                    f"it called sys.exit({error.code!r}) on import"
+                    if isinstance(error, SystemExit)
+                    else f"{type(error).__name__}: {error}"
+                )
                 self.failed_plugins[entry_point.name] = message
                 warnings.warn(
                     f"vaeflow: {self.kind} plugin {entry_point.name!r} ({entry_point.value}) "

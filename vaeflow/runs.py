@@ -9,6 +9,7 @@ the next number) before any logger exists, and the logger is given that version.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -61,6 +62,7 @@ def claim_run_folders(trainer: Namespace) -> list[tuple[Namespace, int | str | N
     Raises:
         ConfigError: a version the config names holds an earlier run.
     """
+    check_folder_settings(trainer)
     loggers = versioned_loggers(trainer)
     given = [(logger, logger.init_args.get("version")) for logger in loggers]
     if rank_zero_only.rank != 0:  # a process Lightning launched: the first one has claimed
@@ -69,9 +71,55 @@ def claim_run_folders(trainer: Namespace) -> list[tuple[Namespace, int | str | N
             logger.init_args.version = version
         return given
     for logger in loggers:
-        logger.init_args.version = claim(run_root(logger), logger.init_args.get("version"))
+        root, version = run_root(logger), logger.init_args.get("version")
+        try:
+            logger.init_args.version = claim(root, version)
+        except OSError as error:
+            raise unusable_folder(Path(error.filename or root), error) from error
     os.environ[VERSIONS_VARIABLE] = json.dumps([logger.init_args.version for logger in loggers])
     return given
+
+
+def check_folder_settings(trainer: Namespace) -> None:
+    """Refuse a logger ``version`` that is a path (``new/../version_0`` walks out of the run's
+    folder) and a ``default_root_dir`` that exists as something else than a folder.
+
+    Raises:
+        ConfigError: the setting and what to give instead.
+    """
+    for logger in versioned_loggers(trainer):
+        version = logger.init_args.get("version")
+        if isinstance(version, str) and (Path(version).name != version or version in ("", "..")):
+            raise ConfigError(
+                f"trainer.logger.init_args.version={version!r} is a path: a version is the name "
+                "of one folder under <save_dir>/<name>, e.g. version_3 or baseline; leave it "
+                "unset for the next free version_<n>"
+            )
+    root = trainer.get("default_root_dir")
+    if root and "://" not in str(root) and Path(root).exists() and not Path(root).is_dir():
+        raise ConfigError(
+            f"trainer.default_root_dir {Path(root).resolve()} is a file, not a folder: choose "
+            "another folder for the run's files (or move the file away)"
+        )
+
+
+def unusable_folder(path: Path, error: OSError) -> ConfigError:
+    """The message for a run folder that cannot be created at ``path``: what is in the way."""
+    if error.errno == errno.ENAMETOOLONG:
+        why = "a folder name in it is longer than the file system allows (255 bytes)"
+    else:
+        blocking = next((p for p in (path, *path.parents) if p.is_symlink() or p.is_file()), None)
+        if blocking is not None and not blocking.exists():
+            why = f"{blocking} is a link to {os.readlink(blocking)}, which does not exist"
+        elif blocking is not None:
+            why = f"{blocking} is a file, not a folder"
+        else:
+            why = error.strerror or str(error)
+    return ConfigError(
+        f"cannot create the run folder {str(path)[:200]}: {why}. Choose another "
+        "trainer.logger.init_args.save_dir or name (runs go to <save_dir>/<name>/version_<n>), "
+        "or make that path a writable folder"
+    )
 
 
 def restore_given_versions(given: list[tuple[Namespace, int | str | None]]) -> None:

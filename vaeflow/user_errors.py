@@ -8,11 +8,14 @@ import inspect
 import re
 import traceback
 from pathlib import Path
+from typing import Any
 
 import yaml
 from jsonargparse import ArgumentError
 from jsonargparse.typing import import_object
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from vaeflow.data.base import MAX_SEED
 from vaeflow.errors import ConfigError, VaeflowError
 
 #: Lines of jsonargparse's messages that describe its machinery rather than the mistake.
@@ -46,7 +49,22 @@ def explain(error: BaseException) -> str | None:
             return (
                 f'this config needs a package that is not installed: pip install "vaeflow[{extra}]"'
             )
-        if isinstance(cause, ValueError | TypeError) and raised_in_torch_optim(cause):
+        if isinstance(cause, MisconfigurationException):
+            return (
+                f"Lightning refused the trainer settings: {str(cause).rstrip('.')}. Fix them "
+                "under trainer: in "
+                "the config (vaeflow fit --help lists them)"
+            )
+        asked = memory_asked(cause)
+        if asked is not None:
+            return (
+                f"not enough memory{asked}: the model, batch or number of samples is too large "
+                "for this machine. Choose smaller sizes (latent_dim, hidden widths, batch_size, "
+                "num_samples, eval_samples)"
+            )
+        if isinstance(cause, ArithmeticError | ValueError | TypeError) and raised_in_torch_optim(
+            cause
+        ):
             return (
                 f"the optimiser or learning-rate scheduler refused its settings: {cause}. Fix "
                 "them under model.init_args.optimizer (or lr_scheduler) in the config, e.g. a "
@@ -54,6 +72,17 @@ def explain(error: BaseException) -> str | None:
             )
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def memory_asked(error: BaseException) -> str | None:
+    """For a failed allocation, ``" (n GiB asked)"`` or ``""``; None for any other error.
+    torch's CPU allocator raises a plain RuntimeError saying how many bytes it was asked for."""
+    if isinstance(error, MemoryError):
+        return ""
+    found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(error))
+    if not isinstance(error, RuntimeError) or found is None:
+        return None
+    return f" ({int(found.group(1)) / 2**30:,.1f} GiB asked)"
 
 
 def missing_extra(error: BaseException) -> str | None:
@@ -78,6 +107,11 @@ def parser_message(message: str) -> str:
         indent = min(len(line) - len(line.lstrip()) for line in lines[1:])
         lines = [lines[0], *("  " + line[indent:] for line in lines[1:])]
     text = re.sub(r"<class '([\w.]+)'>", r"\1", "\n".join(lines))
+    # Python's advice for an integer of thousands of digits is for programmers
+    text = text.replace(
+        "; use sys.set_int_max_str_digits() to increase the limit",
+        ": no size or count is that large",
+    )
     unknown = re.search(r"Option '(\w+)' is not accepted", text)
     # the class whose option it is: the innermost class_path named before it
     owners = re.findall(r"class_path '([\w.]+)'", text[: unknown.start()] if unknown else "")
@@ -93,11 +127,13 @@ def parser_message(message: str) -> str:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Parse every ``--config`` YAML file first, so that a syntax error names its file and line
-    (jsonargparse reports it as coming from ``<unicode string>``).
+    """Read every ``--config`` YAML file first, so that a mistake names its file (jsonargparse
+    reports a syntax error as coming from ``<unicode string>``, and raises on bytes that are not
+    UTF-8 or on an alias bomb): UTF-8 text, valid YAML, at most :data:`MAX_YAML_NODES` values
+    once aliases are expanded, a mapping of sections.
 
     Raises:
-        ConfigError: a config file is not valid YAML.
+        ConfigError: what is wrong with which file, and how to fix it.
     """
     for index, arg in enumerate(argv):
         if arg in ("-c", "--config") and index + 1 < len(argv):
@@ -106,15 +142,125 @@ def check_config_files(argv: list[str]) -> None:
             path = Path(arg.removeprefix("--config="))
         else:
             continue
-        if not path.is_file():
-            continue  # jsonargparse says it does not exist
-        try:
-            yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(error, "problem", None) or str(error)
+        if path.is_file():  # otherwise jsonargparse says it does not exist
+            check_config_file(path)
+
+
+#: The most values a config may expand to: a real one has a few hundred; a file of nested
+#: aliases ("billion laughs") expands a few lines to billions and exhausts the memory.
+MAX_YAML_NODES = 100_000
+#: Byte-order marks of the encodings editors save "Unicode" text in, by name.
+BYTE_ORDER_MARKS = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def check_config_file(path: Path) -> None:
+    """One config file: see :func:`check_config_files`."""
+    fix = "Save it as UTF-8 text (the default of most editors), or give the config you meant"
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"config {path} cannot be read: {error.strerror}") from error
+    encoding = next((name for mark, name in BYTE_ORDER_MARKS.items() if raw.startswith(mark)), None)
+    if encoding is not None:
+        raise ConfigError(f"config {path} is {encoding} text; vaeflow reads UTF-8. {fix}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config {path} is not UTF-8 text (byte {error.start} is {raw[error.start]:#04x}): "
+            f"it may be a binary file or another encoding. {fix}"
+        ) from error
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # aliases are not expanded yet
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(
+            f"{path} is not valid YAML: {problem}{where}. Check the brackets, quotes and "
+            "indentation there (YAML indents with spaces, not tabs)"
+        ) from error
+    if expanded_size(node, {}) > MAX_YAML_NODES:
+        raise ConfigError(
+            f"config {path} expands to more than {MAX_YAML_NODES:,} values through nested "
+            "aliases (*name), which would exhaust the memory: write the values out, or use "
+            "aliases that are not nested"
+        )
+    if not isinstance(node, yaml.MappingNode):
+        what = "empty (or only comments)" if node is None else f"a YAML {node.id}"
+        raise ConfigError(
+            f"config {path} is {what}, not a mapping of sections such as model:, data: and "
+            "trainer:. Start from a shipped config, e.g. configs/quickstart.yaml"
+        )
+
+
+def expanded_size(node: yaml.Node | None, sizes: dict[int, int]) -> int:
+    """How many values ``node`` holds once its aliases are expanded, counted on the composed
+    graph (an alias is the same node object: ``sizes`` memoises each, so a bomb costs its
+    length in lines, not its expansion)."""
+    if node is None:
+        return 0
+    if id(node) not in sizes:
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        else:
+            children = []
+        sizes[id(node)] = 1 + sum(expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+#: Precisions whose weights and data stay in one float type the models compute in; the
+#: ``-true`` half precisions give weights of another type than the data (16-bit data lose the
+#: pixels' levels): mixed precision runs the same layers in 16 bits where it is safe.
+REFUSED_PRECISIONS = {
+    "bf16-true": "bf16-mixed",
+    "16-true": "16-mixed",
+    "transformer-engine": "bf16-mixed",
+    "transformer-engine-float16": "16-mixed",
+}
+
+
+def check_run_settings(config: Any) -> None:
+    """Refuse the trainer settings and seed that Lightning would take and then fail on with a
+    traceback (a division by zero, an overflow, a dtype mismatch in the first step).
+
+    Args:
+        config: the subcommand's parsed config (``seed_everything``, ``trainer``).
+
+    Raises:
+        ConfigError: the setting, what is wrong with it and what to set instead.
+    """
+    seed = config.get("seed_everything")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(
+            f"seed_everything={seed} is out of range: a seed is an integer from 0 to "
+            f"{MAX_SEED} (2**32 - 1), e.g. seed_everything: 0"
+        )
+    trainer = config.trainer
+    for name in ("val_check_interval", "check_val_every_n_epoch"):
+        value = trainer.get(name)
+        if value is not None and value <= 0:
             raise ConfigError(
-                f"{path} is not valid YAML: {problem}{where}. Check the brackets, quotes and "
-                "indentation there (YAML indents with spaces, not tabs)"
-            ) from error
+                f"trainer.{name}={value}: validation needs a positive interval; to skip "
+                "validation set trainer.limit_val_batches: 0"
+            )
+    if trainer.get("gradient_clip_val") not in (None, 0, 0.0):
+        raise ConfigError(
+            "trainer.gradient_clip_val: vaeflow's models step their optimisers themselves "
+            "(Lightning's manual optimisation), which the trainer's clipping does not reach. Set "
+            "model.init_args.gradient_clip_val instead (VAE; EM models take no gradient steps)"
+        )
+    if trainer.get("accumulate_grad_batches") not in (None, 1):
+        raise ConfigError(
+            "trainer.accumulate_grad_batches: vaeflow's models step their optimisers themselves "
+            "(Lightning's manual optimisation), which the trainer's accumulation does not reach. "
+            "Use a larger data.init_args.batch_size instead"
+        )
+    precision = str(trainer.get("precision"))
+    if precision in REFUSED_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision} casts the weights but not the data, so the first "
+            f"step fails: use {REFUSED_PRECISIONS[precision]} (mixed precision), or 32-true"
+        )

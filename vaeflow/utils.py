@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+from vaeflow.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -24,3 +28,28 @@ def at_least_float32(outputs: Tensor) -> Tensor:
     autocast keeps element-wise ops and sums over 784 pixels in bfloat16, whose 8-bit mantissa
     rounds a KL of 30 nats to 0.125 nats). The networks' matrix products stay in low precision."""
     return outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
+
+
+def memory_bytes() -> int:
+    """The memory this process may use: the machine's, or its container's limit when lower."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def check_memory(needed: int, what: str, fix: str) -> None:
+    """Refuse up front what needs more memory than there is: the kernel would grant it (memory
+    is overcommitted) and then kill the process without a word when it is touched.
+
+    Raises:
+        ConfigError: ``what`` needs ``needed`` bytes, with the machine's memory and ``fix``.
+    """
+    available = memory_bytes()
+    if needed > available:
+        raise ConfigError(
+            f"{what} needs about {needed / 2**30:,.1f} GiB of memory, more than the "
+            f"{available / 2**30:,.1f} GiB this machine has: {fix}"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 import zipfile
@@ -50,9 +51,21 @@ def _read_pt(path: Path, key: str | None) -> Array:
             f"tensor or a dict of tensors ({error})"
         ) from error
     if isinstance(content, Mapping):
+        odd = [name for name in content if not isinstance(name, str)]
+        if odd:
+            raise DataError(
+                f"{path} holds a dict whose keys are not all names (e.g. {odd[0]!r}, a "
+                f"{type(odd[0]).__name__}): save it with string keys, {{'x': tensor}}, and "
+                "choose one with `key`"
+            )
         content = _pick(content, key, path)
     if not isinstance(content, Tensor):
         raise DataError(f"{path} holds a {type(content).__name__}; expected a tensor")
+    if content.is_quantized:
+        raise DataError(
+            f"{path} holds a quantised tensor ({content.dtype}): save tensor.dequantize() "
+            "instead, which vaeflow reads as float32"
+        )
     if content.layout != torch.strided:  # sparse: the data modules slice dense rows
         raise DataError(
             f"{path} holds a {content.layout} tensor; vaeflow needs a dense one: save "
@@ -97,6 +110,21 @@ def _read_csv(path: Path, key: str | None) -> Array:
         )
 
 
+def why_not_a_file(path: Path) -> str:
+    """The message for a data ``path`` that is no readable file: what it is instead."""
+    where = path.absolute()
+    if path.is_dir():
+        return f"data path {where} is a folder: give the path of a .npy, .npz, .pt or .csv file"
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python's word for a loop of links
+            return f"data path {where} is a link that leads back to itself (a loop of links)"
+        except OSError:
+            return f"data path {where} is a link to {os.readlink(path)}, which does not exist"
+    return f"data file not found: {where}"
+
+
 #: File extension -> reader of the file's array.
 READERS: dict[str, Callable[[Path, str | None], Array]] = {
     ".npy": _read_npy,
@@ -119,7 +147,7 @@ def read_array(path: Path, key: str | None = None) -> Array:
         DataError: the file is missing, unreadable, or not a non-empty numeric (N, ...) array.
     """
     if not path.is_file():
-        raise DataError(f"data file not found: {path.resolve()}")
+        raise DataError(why_not_a_file(path))
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(

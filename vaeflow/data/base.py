@@ -34,6 +34,16 @@ TEST_SPLIT_SEED = 0
 ORDER_FREE_BATCH_BYTES = 32 * 2**20
 
 
+#: The largest seed: torch's and NumPy's generators take it, as Lightning's ``seed_everything``.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(name: str, value: int) -> None:
+    """A seed the random generators take: an integer from 0 to :data:`MAX_SEED`."""
+    if not 0 <= value <= MAX_SEED:
+        raise DataError(f"{name} must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {value}")
+
+
 def check_fraction(name: str, value: float) -> None:
     """A share of the examples held out: in [0, 1)."""
     if not 0.0 <= value < 1.0:
@@ -90,8 +100,7 @@ class InMemoryDataModule(LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch_size must be a positive integer, got {batch_size}")
-        if seed < 0:
-            raise DataError(f"seed must be a non-negative integer, got {seed}")
+        check_seed("seed", seed)
         if val_fraction is not None:
             check_fraction("val_fraction", val_fraction)
         if binarize != "none" and not scale:
@@ -219,12 +228,12 @@ class InMemoryDataModule(LightningDataModule):
             getattr(self.model, "missing_values_advice", ""),
         )
         self._bounds = finite_bounds(
-            [(splits[s], rows[s]) for s in SPLITS if origin[s] is train],
+            [(s, splits[s], rows[s]) for s in SPLITS if origin[s] is train],
             self.source("train"),
             *missing,
         )
         if test is not None:
-            finite_bounds([(splits["test"], rows["test"])], self.source("test"), *missing)
+            finite_bounds([("test", splits["test"], rows["test"])], self.source("test"), *missing)
         if self.dequantize != "none" and self.value_range is None:
             for data in splits.values():
                 if not torch.equal(data, data.round()):

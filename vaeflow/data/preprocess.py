@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -70,6 +71,8 @@ def take(array: Array, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
     188 MB about five times faster than into memory that torch allocates.
     """
     target = torch.empty(0, dtype=dtype).numpy().dtype
+    if isinstance(array, np.memmap):
+        check_mapped_file(array)
     if isinstance(array, Tensor):
         try:
             array = array.numpy()
@@ -82,45 +85,82 @@ def take(array: Array, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(np.asarray(array, dtype=target))
 
 
+def check_mapped_file(array: np.memmap) -> None:
+    """Refuse to read a memory-mapped file that has shrunk since it was opened: reading past its
+    end kills the process with SIGBUS, without a message.
+
+    Raises:
+        DataError: the file is shorter than its header says.
+    """
+    needed = array.offset + array.nbytes
+    try:
+        size = os.path.getsize(array.filename)
+    except OSError as error:
+        raise DataError(
+            f"{array.filename} was removed or moved while the run was reading it "
+            f"({error.strerror}): keep the data file in place until the run has loaded it"
+        ) from error
+    if size < needed:
+        raise DataError(
+            f"{array.filename} was truncated or rewritten while the run was reading it (it has "
+            f"{size} bytes, its header promises {needed}): keep the data file unchanged until "
+            "the run has loaded it, then start the run again"
+        )
+
+
 def finite_bounds(
-    parts: Sequence[tuple[Tensor, Tensor]],
+    parts: Sequence[tuple[str, Tensor, Tensor]],
     source: str,
     missing_values: str | None = None,
     advice: str = "",
 ) -> tuple[float, float]:
-    """The smallest and largest value of one source's examples, and the one check that they
-    are finite (NaN and infinities propagate through ``aminmax``: one pass, no mask).
+    """The smallest and largest value of one source's examples, and the one check that every
+    split's are finite (NaN and infinities propagate through ``aminmax``: one pass, no mask;
+    each split is checked on its own, as Python's ``min`` of floats drops a NaN that is not
+    first).
 
     Args:
-        parts: ``(examples, their row numbers in the source)`` for each split from the source.
+        parts: ``(split name, examples, their row numbers in the source)`` for each split taken
+            from the source.
         source: what the message calls the source (a file name, a data set).
         missing_values: None where NaN is an error; else the model takes NaN as a missing
             value (:attr:`~vaeflow.models.FactorAnalysis.missing`), the bounds are of the other
             values, and only infinities are refused.
         advice: what the message about NaN adds (the model's options for missing values).
+
+    Raises:
+        DataError: the split and the source's first row that holds NaN or infinite values.
     """
-    bounds = [torch.aminmax(data) for data, _ in parts if data.numel()]
-    low = min(bound.min.item() for bound in bounds)
-    high = max(bound.max.item() for bound in bounds)
-    if math.isfinite(low) and math.isfinite(high):
-        return low, high
+    bounds = [
+        (split, *(value.item() for value in torch.aminmax(data)))
+        for split, data, _ in parts
+        if data.numel()
+    ]
+    if all(math.isfinite(low) and math.isfinite(high) for _, low, high in bounds):
+        return min(low for _, low, _ in bounds), max(high for _, _, high in bounds)
     bad_value = torch.isinf if missing_values is not None else lambda data: ~torch.isfinite(data)
-    bad = torch.cat([rows[bad_value(data.flatten(1)).any(1)] for data, rows in parts])
-    if len(bad) == 0:  # NaN only, which the model takes as missing values
-        values = torch.cat([data[~torch.isnan(data)] for data, _ in parts])
-        if len(values) == 0:
-            raise DataError(f"{source} has no value that is not NaN")
-        return values.min().item(), values.max().item()
-    if missing_values is not None:
-        raise DataError(
-            f"{source} has infinite values in {len(bad)} examples (the first is row "
-            f"{bad.min().item()}); NaN marks a missing value ({missing_values}), an infinity "
-            "none: replace them"
+    for split, data, rows in parts:
+        bad = rows[bad_value(data.flatten(1)).any(1)]
+        if len(bad) == 0:
+            continue
+        where = (
+            f"{len(bad)} examples of the {split} split (the first is row {bad.min().item()} "
+            "of the file)"
         )
-    raise DataError(
-        f"{source} has NaN or infinite values in {len(bad)} examples (the first is row "
-        f"{bad.min().item()}); drop or impute them before training{advice}"
-    )
+        if missing_values is not None:
+            raise DataError(
+                f"{source} has infinite values in {where}; NaN marks a missing value "
+                f"({missing_values}), an infinity none: replace them"
+            )
+        raise DataError(
+            f"{source} has NaN or infinite values in {where}; drop or impute them before "
+            f"training{advice}"
+        )
+    # NaN only, which the model takes as missing values
+    values = torch.cat([data[~torch.isnan(data)] for _, data, _ in parts])
+    if len(values) == 0:
+        raise DataError(f"{source} has no value that is not NaN")
+    return values.min().item(), values.max().item()
 
 
 @dataclass(frozen=True)

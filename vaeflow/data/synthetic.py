@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from vaeflow.data.base import InMemoryDataModule
+from vaeflow.data.base import InMemoryDataModule, check_seed
 from vaeflow.errors import DataError
 
 
@@ -47,6 +47,7 @@ class SyntheticFADataModule(InMemoryDataModule):
                 "SyntheticFADataModule: dim must be positive and latent_dim, num_train, "
                 f"num_test non-negative; got {dim}, {latent_dim}, {num_train}, {num_test}"
             )
+        check_seed("data_seed", data_seed)
         self.num_train, self.num_test = num_train, num_test
         self.dim, self.latent_dim = dim, latent_dim
         self.data_seed = data_seed

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from vaeflow.errors import ConfigError
-from vaeflow.models.em_base import F64, EMFit, EMModel, Pass, common_shift
+from vaeflow.models.em_base import F64, EMFit, EMModel, Pass, check_latent_dim, common_shift
 from vaeflow.models.fa_blas import (
     CHUNK_ROWS,
     SMALL_WORK,
@@ -125,11 +125,7 @@ class BayesianFactorAnalysis(EMModel):
     @override
     def build(self) -> None:
         dim, latent = self.dim, self.latent_dim
-        if not 1 <= latent < dim:
-            raise ConfigError(
-                f"BayesianFactorAnalysis: latent_dim must be between 1 and D - 1 = {dim - 1} "
-                f"for data of dimension D = {dim}, got {latent}"
-            )
+        check_latent_dim("BayesianFactorAnalysis", latent, dim)
 
         def full(value: float, *shape: int) -> nn.Parameter:
             return nn.Parameter(torch.full(shape, value, dtype=F64))

@@ -32,6 +32,7 @@ from typing_extensions import override
 from vaeflow.callbacks import prediction_callbacks
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.metrics import EpochMeans, bits_per_dim
+from vaeflow.models.inputs import as_examples
 from vaeflow.models.loading import ReadyForInference
 from vaeflow.models.stopping import StoppingRule
 
@@ -146,6 +147,26 @@ class EMFit(ABC):
         return self.current is None
 
 
+def check_latent_dim(model: str, latent_dim: int, dim: int) -> None:
+    """Refuse a number of factors the data cannot identify: 1 <= latent_dim < D.
+
+    Raises:
+        ConfigError: with the range for this D, or why D = 1 has none.
+    """
+    if dim < 2:
+        raise ConfigError(
+            f"{model}: the data have one value per example (D = 1), and a factor model needs at "
+            "least two: there is no covariance between values to explain. Fit a Gaussian to "
+            "one-dimensional data, or give examples with several values"
+        )
+    if not 1 <= latent_dim < dim:
+        raise ConfigError(
+            f"{model}: latent_dim must be between 1 and D - 1 = {dim - 1} for data of "
+            f"dimension D = {dim}, got {latent_dim} (with latent_dim >= D the model is not "
+            "identified)"
+        )
+
+
 class EMModel(ReadyForInference):
     """Lightning's side of an EM-style model, fitted by passes over the data.
 
@@ -212,12 +233,8 @@ class EMModel(ReadyForInference):
 
     def flat(self, x: Tensor) -> Tensor:
         """The examples as rows (N x D), checked against the model's dimension."""
-        x = x.reshape(len(x), -1)
-        if x.shape[1] != self.dim:
-            raise DataError(
-                f"{type(self).__name__}: examples have {x.shape[1]} values, expected {self.dim}"
-            )
-        return x
+        x = as_examples(x, self.input_shape, type(self).__name__)
+        return x.reshape(len(x), -1)
 
     # -- fitting ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from vaeflow.analysis.rotation import ROTATIONS, Rotation, rotate
 from vaeflow.analysis.scores import factor_score_weights
 from vaeflow.callbacks.factor_report import SCORES_FILE, FactorReport, write_scores
 from vaeflow.errors import ConfigError, DataError
-from vaeflow.models.em_base import F64, EMFit, EMModel
+from vaeflow.models.em_base import F64, EMFit, EMModel, check_latent_dim
 from vaeflow.models.fa_fit import MomentsFitter, StreamingFitter
 from vaeflow.models.fa_math import (
     Iterate,
@@ -34,6 +34,7 @@ from vaeflow.models.fa_math import (
 )
 from vaeflow.models.fa_missing import observed_log_likelihood, observed_regression_scores
 from vaeflow.models.fa_missing_fit import MissingFitter
+from vaeflow.models.inputs import as_examples
 
 #: Smallest ``noise_floor``: the rounding of the covariance S (relative ~1e-16 times the growth
 #: of its sums) is divided by the floor in the log-likelihood. Measured on 500 examples with a
@@ -180,12 +181,7 @@ class FactorAnalysis(EMModel):
     def build(self) -> None:
         """Check the sizes, choose the method and create the parameters."""
         dim = self.dim
-        if not 1 <= self.latent_dim < dim:
-            raise ConfigError(
-                f"FactorAnalysis: latent_dim must be between 1 and D - 1 = {dim - 1} for data of "
-                f"dimension D = {dim}, got {self.latent_dim} (with M >= D the model is not "
-                "identified)"
-            )
+        check_latent_dim("FactorAnalysis", self.latent_dim, dim)
         hp = self.hparams
         self.streaming = hp.method == "streaming" or (
             hp.method == "auto" and dim > hp.moments_max_dim
@@ -199,7 +195,7 @@ class FactorAnalysis(EMModel):
     def _centred(self, x: Tensor | np.ndarray) -> Tensor:
         """x (N x ...) minus the mean, as a float64 tensor on the model's device: users hold
         tensors of any float type and NumPy arrays."""
-        x = torch.as_tensor(x)
+        x = as_examples(x, self.input_shape, "FactorAnalysis")
         return x.reshape(len(x), -1).to(self.mean) - self.mean
 
     @property

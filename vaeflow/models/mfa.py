@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from vaeflow.errors import ConfigError
-from vaeflow.models.em_base import F64, EMFit, EMModel, Pass, common_shift
+from vaeflow.models.em_base import F64, EMFit, EMModel, Pass, check_latent_dim, common_shift
 from vaeflow.models.fa_blas import SMALL_WORK, single_thread_if
 from vaeflow.models.fa_math import (
     factorise,
@@ -105,11 +105,7 @@ class MixtureOfFactorAnalyzers(EMModel):
     @override
     def build(self) -> None:
         dim, k, m = self.dim, self.num_components, self.latent_dim
-        if not 1 <= m < dim:
-            raise ConfigError(
-                f"MixtureOfFactorAnalyzers: latent_dim must be between 1 and D - 1 = {dim - 1}, "
-                f"got {m}"
-            )
+        check_latent_dim("MixtureOfFactorAnalyzers", m, dim)
         #: Loadings W_k (K x D x M), means mu_k (K x D), noise variances (K x D), weights pi (K).
         self.loadings = nn.Parameter(torch.zeros(k, dim, m, dtype=F64))
         self.mean = nn.Parameter(torch.zeros(k, dim, dtype=F64))

@@ -23,10 +23,12 @@ from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
 from vaeflow.callbacks import prediction_callbacks
-from vaeflow.errors import ConfigError
+from vaeflow.contracts import check_likelihood, check_net, check_posterior, check_prior
+from vaeflow.errors import ConfigError, DataError
 from vaeflow.hparams import save_plain_hyperparameters
 from vaeflow.likelihoods import Likelihood, check_scale_range
 from vaeflow.metrics import EpochMeans, bits_per_dim
+from vaeflow.models.inputs import as_examples
 from vaeflow.models.loading import ReadyForInference
 from vaeflow.nets import NetFactory, build_net
 from vaeflow.posteriors import Posterior, PosteriorContext, check_posterior_factorises
@@ -39,7 +41,7 @@ from vaeflow.priors import (
 )
 from vaeflow.registry import LIKELIHOODS, POSTERIORS, PRIORS
 from vaeflow.steps_per_call import SteppedModule
-from vaeflow.utils import as_list, at_least_float32
+from vaeflow.utils import as_list, at_least_float32, check_memory
 
 Estimator = Literal["analytic_kl", "monte_carlo", "importance_weighted"]
 #: Burda et al.'s (2016) threshold on the variance over the data of E_q[z_j | x].
@@ -50,6 +52,24 @@ ACTIVE_UNIT_VARIANCE = 0.01
 CPU_EVAL_CHUNK_NUMBERS = 2**20
 #: the same on accelerators: 2^24 (64 MiB), fewer and larger kernels.
 EVAL_CHUNK_NUMBERS = 2**24
+
+
+def check_representable(data: Tensor, dtype: torch.dtype, what: str) -> None:
+    """Refuse data that would turn infinite in the networks' ``dtype`` (float64 data of 1e300
+    are finite; in float32 they are infinite, and training would seem to diverge)."""
+    if (
+        not data.numel()
+        or not data.is_floating_point()
+        or torch.finfo(data.dtype).max <= torch.finfo(dtype).max
+    ):
+        return
+    largest = data.abs().max().item()
+    if largest > torch.finfo(dtype).max:
+        raise DataError(
+            f"{what} holds values up to {largest:.3g} in magnitude, which overflow {dtype} "
+            f"(largest {torch.finfo(dtype).max:.3g}), in which the VAE computes: rescale the "
+            "data (data option scale: true maps them to [0, 1])"
+        )
 
 
 def samples_per_chunk(examples: int, outputs_per_example: int, device: torch.device) -> int:
@@ -220,6 +240,12 @@ class VAE(ReadyForInference, SteppedModule):
         self.decoder = build_net(decoder or "mlp", (latent_dim,), self.likelihood.output_shape)
         self.prior = PRIORS.build(prior)
         self.prior.bind(PriorContext(latent_dim, self.input_shape, self.encode))
+        # each part on two examples, once the networks (the largest parts) fit in memory
+        check_likelihood(self.likelihood)
+        check_posterior(self.posterior, latent_dim)
+        check_net(self.encoder, "encoder", self.input_shape, self.posterior.num_outputs)
+        check_net(self.decoder, "decoder", (latent_dim,), self.likelihood.num_outputs)
+        check_prior(self.prior, latent_dim)
         check_objective(estimator, beta, kl_warmup_steps, free_bits, dreg)
         if free_bits and self.prior.marginals() is None:
             raise ConfigError(
@@ -249,7 +275,7 @@ class VAE(ReadyForInference, SteppedModule):
         """``x`` as the networks take it: a tensor on the model's device, floats in its dtype
         (users hold float64 tensors and NumPy arrays, and data modules keep float64 arrays in
         float64 for factor analysis)."""
-        x = torch.as_tensor(x, device=self.device)
+        x = as_examples(x, self.input_shape, "VAE").to(self.device)
         return x.to(self.dtype) if x.is_floating_point() and x.dtype != self.dtype else x
 
     def gradients(self) -> torch.set_grad_enabled:
@@ -326,6 +352,8 @@ class VAE(ReadyForInference, SteppedModule):
         posterior widened by 20% of a linear-Gaussian model, ``monte_carlo`` has the smaller
         variance; on an untrained digits VAE, ``analytic_kl`` has.
         """
+        x = self.as_input(x)
+        self.likelihood.check_support(x)
         with self.gradients():
             return self.elbo_terms(x, num_samples, estimator)[0]
 
@@ -370,6 +398,7 @@ class VAE(ReadyForInference, SteppedModule):
         K grows.
         """
         x = self.as_input(x)
+        self.likelihood.check_support(x)
         if chunk_size is None:
             chunk_size = samples_per_chunk(len(x), self.likelihood.num_outputs, x.device)
         with torch.no_grad():
@@ -548,8 +577,19 @@ class VAE(ReadyForInference, SteppedModule):
     def setup(self, stage: str) -> None:
         """Check the data against the likelihood's support once, before any step runs."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        for data in getattr(datamodule, "splits", {}).values():
+        for split, data in getattr(datamodule, "splits", {}).items():
             self.likelihood.check_support(data)
+            check_representable(data, self.dtype, f"the {split} split")
+        batch_size = getattr(datamodule, "batch_size", None)
+        if stage == "fit" and isinstance(batch_size, int):
+            # each sample of each example holds the decoder's outputs and the latent code,
+            # with their gradients and the activations between them: a few copies of both
+            per_sample = self.likelihood.num_outputs + self.posterior.num_outputs
+            check_memory(
+                batch_size * self.num_samples * per_sample * 4 * 8,
+                f"a training step with num_samples={self.num_samples} and batch_size={batch_size}",
+                "choose fewer samples (num_samples) or a smaller batch_size",
+            )
         super().setup(stage)
 
     @override
