@@ -144,16 +144,6 @@ def unreadable(path: Path, error: BaseException) -> CheckpointError:
     )
 
 
-def latest_last_checkpoint(root: str | os.PathLike) -> Path | None:
-    """``last.ckpt`` of the highest-numbered ``version_<n>`` run under ``root`` that has one."""
-    found = []
-    for candidate in Path(root).glob(f"version_*/checkpoints/{LAST}.ckpt"):
-        number = candidate.parent.parent.name.removeprefix("version_")
-        if number.isdigit():
-            found.append((int(number), candidate))
-    return max(found)[1] if found else None
-
-
 def plain(value: Any) -> Any:
     """``value`` with tuples as lists and namespaces as dicts, for comparing config values."""
     if hasattr(value, "as_dict"):

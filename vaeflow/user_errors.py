@@ -92,6 +92,17 @@ def parser_message(message: str) -> str:
     return text
 
 
+def config_files(argv: list[str]) -> list[Path]:
+    """The ``--config`` (``-c``) files in ``argv``, in the order given."""
+    found = []
+    for index, arg in enumerate(argv):
+        if arg in ("-c", "--config") and index + 1 < len(argv):
+            found.append(Path(argv[index + 1]))
+        elif arg.startswith("--config="):
+            found.append(Path(arg.removeprefix("--config=")))
+    return found
+
+
 def check_config_files(argv: list[str]) -> None:
     """Parse every ``--config`` YAML file first, so that a syntax error names its file and line
     (jsonargparse reports it as coming from ``<unicode string>``).
@@ -99,13 +110,7 @@ def check_config_files(argv: list[str]) -> None:
     Raises:
         ConfigError: a config file is not valid YAML.
     """
-    for index, arg in enumerate(argv):
-        if arg in ("-c", "--config") and index + 1 < len(argv):
-            path = Path(argv[index + 1])
-        elif arg.startswith("--config="):
-            path = Path(arg.removeprefix("--config="))
-        else:
-            continue
+    for path in config_files(argv):
         if not path.is_file():
             continue  # jsonargparse says it does not exist
         try:
