@@ -1,0 +1,159 @@
+"""Resuming the run the user means, exactly: ``--ckpt_path last`` finds the run of the config (or of
+the run's own ``config.yaml``), and a run interrupted mid-epoch by SIGINT or SIGTERM resumes with
+the batches, metrics and final weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from vaeflow.checkpointing import read_checkpoint
+from vaeflow.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+FA_SYNTHETIC = str(REPO / "configs" / "fa_synthetic.yaml")
+#: Two short epochs of the quickstart (21 batches each), quiet, without pictures.
+SHORT = (
+    *("--trainer.max_epochs", "2", "--model.init_args.eval_samples", "0"),
+    *("--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"),
+)
+#: The step after which the interrupted runs get their signal: the 9th batch of epoch 1.
+SIGNAL_STEP = 30
+BATCHES_FILE = "batches.csv"
+
+
+class Recorder(Callback):
+    """Writes each training batch's epoch, step and checksum to ``batches.csv`` in the run
+    folder, and sends this process ``signum`` after the step ``at`` (0: never)."""
+
+    def __init__(self, at: int = 0, signum: int = 0) -> None:
+        self.at = at
+        self.signum = signum
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        with (Path(trainer.log_dir) / BATCHES_FILE).open("a") as file:
+            file.write(f"{trainer.current_epoch},{trainer.global_step},{batch.double().sum()}\n")
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+def recorder(at: int = 0, signum: int = 0) -> tuple[str, ...]:
+    """The options that add a :class:`Recorder` to a run."""
+    return (
+        "--trainer.callbacks+=" + f"{Recorder.__module__}.Recorder",
+        *("--trainer.callbacks.init_args.at", str(at)),
+        *("--trainer.callbacks.init_args.signum", str(signum)),
+    )
+
+
+def fit(*args: str) -> int:
+    """``vaeflow fit`` in this process; its exit code."""
+    try:
+        main(["fit", *args])
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    return 0
+
+
+def rows(run: Path, name: str) -> list[list[str]]:
+    with (run / name).open() as file:
+        return list(csv.reader(file))
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of the quickstart's two epochs, uninterrupted."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert fit("--config", QUICKSTART, *SHORT, *recorder()) == 0
+    finally:
+        os.chdir(cwd)
+    return folder / "runs" / "quickstart" / "version_0"
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_run_interrupted_mid_epoch_resumes_as_if_uninterrupted(
+    tmp_path, monkeypatch, capsys, uninterrupted, signum, code
+) -> None:
+    """Interrupted after the 9th of epoch 1's 21 batches, another run written in between, then
+    ``--ckpt_path last`` from the original config and from the run's ``config.yaml``: each
+    resumed run trains the remaining batches of the uninterrupted run and ends with its metrics
+    and weights, to the last bit."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs" / "quickstart"
+    assert fit("--config", QUICKSTART, *SHORT, *recorder(SIGNAL_STEP, signum)) == code
+    err = capsys.readouterr().err
+    last = runs / "version_0" / "checkpoints" / "last.ckpt"
+    name = signal.Signals(signum).name
+    assert f"interrupted by {name} at epoch 1, step {SIGNAL_STEP} (batch 9 of 21): saved" in err
+    assert "Traceback" not in err
+    saved = read_checkpoint(last)
+    assert (saved["epoch"], saved["global_step"]) == (1, SIGNAL_STEP)  # as the message says
+    # another run of another model in between: the latest folder, but not this config's run
+    assert fit("--config", QUICKSTART, *SHORT, "--model.init_args.latent_dim", "2") == 0
+    capsys.readouterr()
+
+    expected_batches = rows(uninterrupted, BATCHES_FILE)
+    expected_metrics = rows(uninterrupted, "metrics.csv")
+    interrupted = rows(runs / "version_0", BATCHES_FILE)
+    assert interrupted == expected_batches[:SIGNAL_STEP]
+    own_config = runs / "version_0" / "config.yaml"
+    for config, version, meant in (
+        (
+            QUICKSTART,
+            2,
+            "runs/quickstart/version_0, the latest run under runs/quickstart that "
+            "trained this model on this data",
+        ),
+        (str(own_config), 3, f"{own_config.parent} (the run of {own_config})"),
+    ):
+        resume = ("--config", config, *SHORT, *recorder(), "--ckpt_path", "last")
+        assert fit(*resume) == 0
+        assert f"vaeflow: --ckpt_path last: continuing {meant}" in capsys.readouterr().err
+        run = runs / f"version_{version}"
+        assert rows(run, BATCHES_FILE) == expected_batches[SIGNAL_STEP:]
+        # the header and epoch 1's rows (its train means over all 21 batches)
+        assert rows(run, "metrics.csv") == [expected_metrics[0], *expected_metrics[-2:]]
+        for key, value in weights(uninterrupted).items():
+            assert torch.equal(weights(run)[key], value), key
+
+
+def test_last_finds_no_run_of_another_model(tmp_path, monkeypatch, capsys) -> None:
+    """The quickstart's run is not the run of the same config with another latent_dim: the
+    message names the nearest run, how it differs and the command that continues it."""
+    monkeypatch.chdir(tmp_path)
+    quick = ("--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", *SHORT)
+    assert fit("--config", QUICKSTART, "--model.init_args.latent_dim", "2", *quick) == 0
+    capsys.readouterr()
+    assert fit("--config", QUICKSTART, "--ckpt_path", "last", *quick) == 0
+    err = capsys.readouterr().err
+    own = Path("runs/quickstart/version_0/config.yaml")
+    assert (
+        "no run under runs/quickstart trained this model on this data (the latest, version_0, "
+        "differs in model.init_args.latent_dim (2 there, 8 here)), so training starts afresh. "
+        f"To continue version_0, give its own config: --config {own} --ckpt_path last"
+    ) in err
+    assert (
+        read_checkpoint(tmp_path / "runs/quickstart/version_1/checkpoints/last.ckpt")[
+            "hyper_parameters"
+        ]["latent_dim"]
+        == 8
+    )
