@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from vaeflow.checkpointing import read_checkpoint
 from vaeflow.cli import main
+from vaeflow.data import base
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -26,17 +27,19 @@ SHORT = (
     *("--trainer.max_epochs", "2", "--model.init_args.eval_samples", "0"),
     *("--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"),
 )
-#: The step after which the interrupted runs get their signal: the 9th batch of epoch 1.
+#: The batch after which the interrupted runs get their signal: the 9th of epoch 1, step 30.
+SIGNAL_AT = (1, 9)
 SIGNAL_STEP = 30
 BATCHES_FILE = "batches.csv"
 
 
 class Recorder(Callback):
     """Writes each training batch's epoch, step and checksum to ``batches.csv`` in the run
-    folder, and sends this process ``signum`` after the step ``at`` (0: never)."""
+    folder, and sends this process ``signum`` after batch ``batch`` (from 1) of epoch ``epoch``
+    (0: never)."""
 
-    def __init__(self, at: int = 0, signum: int = 0) -> None:
-        self.at = at
+    def __init__(self, epoch: int = 0, batch: int = 0, signum: int = 0) -> None:
+        self.at = (epoch, batch)
         self.signum = signum
 
     @override
@@ -45,15 +48,16 @@ class Recorder(Callback):
     ) -> None:
         with (Path(trainer.log_dir) / BATCHES_FILE).open("a") as file:
             file.write(f"{trainer.current_epoch},{trainer.global_step},{batch.double().sum()}\n")
-        if trainer.global_step == self.at:
+        if self.signum and (trainer.current_epoch, batch_idx + 1) == self.at:
             os.kill(os.getpid(), self.signum)
 
 
-def recorder(at: int = 0, signum: int = 0) -> tuple[str, ...]:
+def recorder(at: tuple[int, int] = (0, 0), signum: int = 0) -> tuple[str, ...]:
     """The options that add a :class:`Recorder` to a run."""
     return (
         "--trainer.callbacks+=" + f"{Recorder.__module__}.Recorder",
-        *("--trainer.callbacks.init_args.at", str(at)),
+        *("--trainer.callbacks.init_args.epoch", str(at[0])),
+        *("--trainer.callbacks.init_args.batch", str(at[1])),
         *("--trainer.callbacks.init_args.signum", str(signum)),
     )
 
@@ -99,7 +103,7 @@ def test_a_run_interrupted_mid_epoch_resumes_as_if_uninterrupted(
     and weights, to the last bit."""
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "runs" / "quickstart"
-    assert fit("--config", QUICKSTART, *SHORT, *recorder(SIGNAL_STEP, signum)) == code
+    assert fit("--config", QUICKSTART, *SHORT, *recorder(SIGNAL_AT, signum)) == code
     err = capsys.readouterr().err
     last = runs / "version_0" / "checkpoints" / "last.ckpt"
     name = signal.Signals(signum).name
@@ -157,3 +161,28 @@ def test_last_finds_no_run_of_another_model(tmp_path, monkeypatch, capsys) -> No
         ]["latent_dim"]
         == 8
     )
+
+
+def test_factor_analysis_interrupted_mid_pass_finishes_the_pass(tmp_path, monkeypatch, capsys):
+    """Streaming EM keeps its pass sums out of checkpoints, so SIGINT in the middle of a pass
+    (epoch 5, batch 2 of 5) stops at the pass's end, where Lightning wrote ``last.ckpt``; the
+    resumed fit reads the remaining passes and ends with the uninterrupted fit's parameters."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(base, "ORDER_FREE_BATCH_BYTES", 1000 * 20 * 8)  # 1000 rows of D = 20
+    em = ("--model.init_args.method", "streaming", "--model.init_args.tol", "0")
+    em += ("--model.init_args.max_iter", "8", "--trainer.enable_progress_bar", "false")
+    args = ("--config", FA_SYNTHETIC, *em, "--trainer.callbacks", "[]")
+    runs = tmp_path / "runs" / "fa_synthetic"
+    assert fit(*args, *recorder()) == 0
+    assert fit(*args, *recorder((5, 2), signal.SIGINT)) == 130
+    err = capsys.readouterr().err
+    last = Path("runs/fa_synthetic/version_1/checkpoints/last.ckpt")
+    assert "interrupted by SIGINT after epoch 5, step " in err and f"{last} holds it" in err
+    assert read_checkpoint(last)["epoch"] == 5
+    batches = rows(runs / "version_0", BATCHES_FILE)
+    assert len([row for row in batches if row[0] == "5"]) == 5
+    assert rows(runs / "version_1", BATCHES_FILE) == [row for row in batches if int(row[0]) <= 5]
+    assert fit(*args, *recorder(), "--ckpt_path", "last") == 0
+    assert rows(runs / "version_2", BATCHES_FILE) == [row for row in batches if int(row[0]) > 5]
+    for key, value in weights(runs / "version_0").items():
+        torch.testing.assert_close(weights(runs / "version_2")[key], value, rtol=1e-9, atol=1e-12)
