@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from typing_extensions import override
 from vaeflow.checkpointing import read_checkpoint
 from vaeflow.cli import main
 from vaeflow.data import base
+from vaeflow.runs import remove_stale_temporaries
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -186,3 +190,114 @@ def test_factor_analysis_interrupted_mid_pass_finishes_the_pass(tmp_path, monkey
     assert rows(runs / "version_2", BATCHES_FILE) == [row for row in batches if int(row[0]) > 5]
     for key, value in weights(runs / "version_0").items():
         torch.testing.assert_close(weights(runs / "version_2")[key], value, rtol=1e-9, atol=1e-12)
+
+
+class SignalAt(Callback):
+    """Sends this process ``signum``, ``times`` times in a row, at the first ``hook`` (a batch
+    hook's name) that runs during the sanity check (``sanity``) or outside it."""
+
+    def __init__(self, hook: str, signum: int, times: int = 1, sanity: bool = False) -> None:
+        self.hook, self.signum, self.times, self.sanity = hook, signum, times, sanity
+
+    def _at(self, trainer: Trainer, hook: str) -> None:
+        if hook == self.hook and trainer.sanity_checking == self.sanity and self.times:
+            for _ in range(self.times):
+                self.times -= 1
+                os.kill(os.getpid(), self.signum)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._at(trainer, "on_train_batch_end")
+
+    @override
+    def on_validation_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._at(trainer, "on_validation_batch_end")
+
+    @override
+    def on_test_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._at(trainer, "on_test_batch_end")
+
+
+def signal_at(hook: str, times: int = 1, sanity: bool = False) -> tuple[str, ...]:
+    return (
+        "--trainer.callbacks+=" + f"{SignalAt.__module__}.SignalAt",
+        *("--trainer.callbacks.init_args.hook", hook),
+        *("--trainer.callbacks.init_args.signum", str(int(signal.SIGINT))),
+        *("--trainer.callbacks.init_args.times", str(times)),
+        *("--trainer.callbacks.init_args.sanity", str(sanity).lower()),
+    )
+
+
+def one_line(err: str) -> str:
+    """The vaeflow lines of ``err``, checked to hold no traceback nor Lightning's notice."""
+    assert "Traceback" not in err and "Detected KeyboardInterrupt" not in err, err
+    return "\n".join(line for line in err.splitlines() if line.startswith("vaeflow:"))
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        (signal_at("on_validation_batch_end"), "after epoch 0, step 21: "),
+        (signal_at("on_validation_batch_end", sanity=True), "nothing was saved"),
+        (signal_at("on_train_batch_end", times=2), "nothing was saved"),
+    ],
+    ids=["validation", "sanity-check", "twice"],
+)
+def test_sigint_outside_a_training_batch(tmp_path, monkeypatch, capsys, where, said) -> None:
+    """During validation: the epoch ends as usual, with its checkpoint, and the run stops before
+    the next (no checkpoint claims an epoch it did not finish); during the sanity check: at
+    once, nothing trained; a second SIGINT: at once. Each exits 130 with one line; a run that
+    saved nothing leaves no folder."""
+    monkeypatch.chdir(tmp_path)
+    assert fit("--config", QUICKSTART, *SHORT, *where) == 130
+    assert said in one_line(capsys.readouterr().err)
+    runs = tmp_path / "runs" / "quickstart"
+    if "after epoch" in said:
+        saved = read_checkpoint(runs / "version_0" / "checkpoints" / "last.ckpt")
+        assert (saved["epoch"], saved["global_step"]) == (0, 21)
+    else:
+        assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate"])
+def test_sigint_while_evaluating_exits_130_with_one_line(
+    tmp_path, monkeypatch, capsys, subcommand
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert fit("--config", QUICKSTART, *SHORT, "--trainer.max_steps", "1") == 0
+    capsys.readouterr()
+    hook = "on_test_batch_end" if subcommand == "test" else "on_validation_batch_end"
+    with pytest.raises(SystemExit) as stop:
+        main([subcommand, "--config", QUICKSTART, *SHORT, *signal_at(hook), "--ckpt_path", "last"])
+    assert stop.value.code == 130
+    assert one_line(capsys.readouterr().err).endswith("interrupted by SIGINT; nothing was saved")
+    assert [run.name for run in (tmp_path / "runs" / "quickstart").iterdir()] == ["version_0"]
+
+
+def test_sigint_at_start_up_exits_130_with_one_line(tmp_path) -> None:
+    command = [sys.executable, "-m", "vaeflow", "fit", "--config", QUICKSTART]
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # importing
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert one_line(err).splitlines()[-1].startswith("vaeflow: interrupted by SIGINT")
+
+
+def test_a_killed_saves_temporary_file_is_removed_at_the_next_start(tmp_path) -> None:
+    """``.last.ckpt.<pid>.tmp`` of a process that is gone (SIGKILL while saving) is removed
+    when the next run claims its folder; a live process's file stays."""
+    checkpoints = tmp_path / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    stale = checkpoints / f".last.ckpt.{int(gone.stdout)}.tmp"
+    live = checkpoints / f".last.ckpt.{os.getpid()}.tmp"
+    for path in (stale, live):
+        path.write_bytes(b"half a checkpoint")
+    remove_stale_temporaries(tmp_path)
+    assert not stale.exists() and live.exists()

@@ -135,9 +135,11 @@ class InterruptCheckpoint(Callback):
     - Training a model that resumes mid-epoch (``resumes_mid_epoch``: the VAE, whose loader
       position and epoch means are in its checkpoints): after the batch in progress, writing
       ``last.ckpt`` there. A batch followed by validation or the epoch's end is carried through
-      them (a checkpoint before them would resume past them), and the run stops after the next.
+      them (a checkpoint before them would resume past them), as is a signal during validation.
     - Training an EM model (its pass sums are not in checkpoints): at the end of the pass (the
-      EM iteration), whose ``last.ckpt`` Lightning has written.
+      EM iteration).
+    - At an epoch's end the run stops before the next epoch starts, with the ``last.ckpt`` that
+      Lightning wrote for the finished epoch.
     - Before training starts (start-up, the sanity check) and in ``validate``, ``test`` and
       ``predict``: at once; nothing is saved, as nothing was trained.
     - A second signal stops at once, saving nothing.
@@ -157,8 +159,6 @@ class InterruptCheckpoint(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.signal is not None:  # during the sanity check: nothing trained, nothing to save
-            raise Interrupted(self.signal, f"interrupted by {self.signal.name} before training")
         self._training = True
         if trainer.world_size == 1:  # in place of Lightning's, which it set after setup
             self._handle(signal.SIGTERM)

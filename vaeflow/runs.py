@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -33,6 +34,9 @@ VERSIONED = (CSVLogger, TensorBoardLogger)
 #: The run folders this process created, so that a run refused before writing anything leaves
 #: no empty folder behind (:func:`empty_run_folders_removed_on_error`).
 CREATED: list[Path] = []
+#: What a run writes before it starts: a folder holding only these is removed when the run is
+#: refused or crashes (:func:`empty_run_folders_removed_on_error`).
+SETTINGS_FILES = frozenset({CONFIG_FILE, "hparams.yaml"})
 #: The versions the first process claimed, for the processes Lightning launches for the other
 #: ranks (they inherit its environment and must log to the same folders).
 VERSIONS_VARIABLE = "VAEFLOW_RUN_VERSIONS"
@@ -73,6 +77,7 @@ def claim_run_folders(trainer: Namespace) -> list[tuple[Namespace, int | str | N
         return given
     for logger in loggers:
         logger.init_args.version = claim(run_root(logger), logger.init_args.get("version"))
+        remove_stale_temporaries(run_root(logger))
     os.environ[VERSIONS_VARIABLE] = json.dumps([logger.init_args.version for logger in loggers])
     return given
 
@@ -126,19 +131,54 @@ def create(folder: Path) -> None:
 
 @contextmanager
 def empty_run_folders_removed_on_error() -> Iterator[None]:
-    """Around a run: if it raises, remove the run folders it created that are still empty, so
-    that a run refused before it wrote anything (a bad option, data file or checkpoint) leaves
-    none. ``rmdir`` removes only an empty folder: nothing written is ever lost."""
+    """Around a run: if it raises (a refusal, a crash, an interruption), remove the run folder it
+    claimed if it holds nothing of a run (:func:`holds_nothing`), and the parents it created if
+    they are empty, so that a run refused before it
+    trained (a bad option, data file or checkpoint) leaves none. Any other file keeps its
+    folder: nothing a run produced is ever lost."""
     CREATED.clear()
     try:
         yield
     except BaseException:
         for folder in reversed(CREATED):
-            with suppress(OSError):  # holds the run's files, or is gone
-                folder.rmdir()
+            with suppress(OSError):  # holds files, or is gone
+                if folder.name.startswith("version_") and holds_nothing(folder):
+                    shutil.rmtree(folder)  # a run folder of this run's own
+                else:
+                    folder.rmdir()  # a parent, which other runs may be using
         raise
     finally:
         CREATED.clear()
+
+
+def holds_nothing(folder: Path) -> bool:
+    """Whether ``folder`` holds no file but the config and hyperparameters a run writes before
+    it starts (:data:`SETTINGS_FILES`), in any depth of folders."""
+    return all(
+        (path.is_dir() and not path.is_symlink()) or path.name in SETTINGS_FILES
+        for path in folder.rglob("*")
+    )
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Remove the temporary checkpoint files (``.<name>.<pid>.tmp``, see
+    :class:`~vaeflow.checkpointing.AtomicCheckpointIO`) that runs under ``root`` killed while
+    saving left behind: those whose process is gone. A live run's file is left alone."""
+    for path in root.glob("version_*/checkpoints/.*.tmp"):
+        pid = path.name.removesuffix(".tmp").rpartition(".")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            with suppress(OSError):
+                path.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def resolve_last(
