@@ -32,6 +32,7 @@ from typing_extensions import override
 from vaeflow.callbacks import prediction_callbacks
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.metrics import EpochMeans, bits_per_dim
+from vaeflow.models.loading import ReadyForInference
 from vaeflow.models.stopping import StoppingRule
 
 F64 = torch.float64
@@ -142,7 +143,7 @@ class EMFit(ABC):
         return self.current is None
 
 
-class EMModel(LightningModule):
+class EMModel(ReadyForInference):
     """Lightning's side of an EM-style model, fitted by passes over the data.
 
     A subclass creates its float64 parameters in :meth:`build` (from ``input_shape``, or from
