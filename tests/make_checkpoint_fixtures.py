@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from conftest import SILENT_TRAINER
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
@@ -88,15 +89,7 @@ def numbers(model: LightningModule, x: torch.Tensor) -> dict[str, list[float]]:
 
 
 def trainer() -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
-    )
+    return pl.Trainer(**{**SILENT_TRAINER, "max_epochs": 3}, plugins=[AtomicCheckpointIO()])
 
 
 def main() -> None:

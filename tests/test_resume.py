@@ -88,12 +88,9 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run folder of the quickstart's two epochs, uninterrupted."""
     folder = tmp_path_factory.mktemp("uninterrupted")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
         assert fit("--config", QUICKSTART, *SHORT, *recorder()) == 0
-    finally:
-        os.chdir(cwd)
     return folder / "runs" / "quickstart" / "version_0"
 
 
