@@ -277,7 +277,7 @@ def test_the_config_fits_and_predicts_from_the_cli(tmp_path: Path, monkeypatch) 
     config = str(REPO / "configs" / "bayesian_fa_synthetic.yaml")
     quiet = ["--trainer.enable_progress_bar", "false", "--model.init_args.max_iter", "60"]
     main(["fit", "--config", config, *quiet])
-    run = tmp_path / "runs" / "vaeflow" / "version_0"
+    run = tmp_path / "runs" / "bayesian_fa_synthetic" / "version_0"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     elbos = [float(row["train/elbo"]) for row in rows if row["train/elbo"]]
     assert len(elbos) == 60 and elbos == sorted(elbos)

@@ -635,7 +635,7 @@ def test_cli_fit_logs_every_em_iteration(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     config = str(REPO / "configs" / "fa_synthetic.yaml")
     main(["fit", "--config", config, "--trainer.enable_progress_bar", "false"])
-    run = tmp_path / "runs" / "vaeflow" / "version_0"
+    run = tmp_path / "runs" / "fa_synthetic" / "version_0"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     columns = {"train/log_likelihood", "train/elbo", "train/bits_per_dim", "val/log_likelihood"}
     assert columns | {"val/bits_per_dim"} <= set(rows[0])

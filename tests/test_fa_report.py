@@ -43,7 +43,7 @@ def test_fit_and_test_of_a_named_csv_with_an_oblique_rotation(
     main(["fit", "--config", "fa.yaml", *quiet])
     printed = capsys.readouterr().out
     assert "stopped by aitken" in printed and "Chi-square (Bartlett's correction)" in printed
-    run = tmp_path / "runs" / "vaeflow" / "version_0"
+    run = tmp_path / "runs" / "fa" / "version_0"
     rows = list(csv.reader((run / "loadings.csv").open()))
     assert rows[0] == ["feature", "F1", "F2", "h2", "u2"]
     assert [row[0] for row in rows[1:]] == NAMES

@@ -233,7 +233,7 @@ def test_the_digits_config_fits_and_predicts_from_the_cli(tmp_path: Path, monkey
     config = str(REPO / "configs" / "mfa_digits.yaml")
     quiet = ["--trainer.enable_progress_bar", "false", "--model.init_args.max_iter", "15"]
     main(["fit", "--config", config, *quiet])
-    run = tmp_path / "runs" / "vaeflow" / "version_0"
+    run = tmp_path / "runs" / "mfa_digits" / "version_0"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     values = [float(row["train/log_likelihood"]) for row in rows if row["train/log_likelihood"]]
     assert len(values) == 16 and values == sorted(values)

@@ -66,3 +66,28 @@ def test_predict_writes_the_latent_codes_of_the_fitted_model(
     model = model_class.load_from_checkpoint(checkpoint)
     with torch.no_grad():
         torch.testing.assert_close(record, expected(model, x))
+
+
+def test_predict_without_a_test_split_takes_the_training_file(tmp_path, monkeypatch, capsys):
+    """Factor analysis on a user's file with no test split: ``predict`` writes the codes of
+    every row of the file (val_fraction 0, the model's default), in the file's order, into a
+    folder it prints; a refused predict (no checkpoint) leaves no folder."""
+    monkeypatch.chdir(tmp_path)
+    x = torch.randn(60, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.save(x, tmp_path / "rows.pt")
+    args = ["--model", "FactorAnalysis", "--model.latent_dim", "2", "--data", "ArrayDataModule"]
+    args += ["--data.path", "rows.pt", "--trainer.enable_progress_bar", "false"]
+    main(["fit", *args])
+    last = tmp_path / "runs" / "vaeflow" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    main(["predict", *args, "--ckpt_path", str(last)])
+    assert "run folder: runs/vaeflow/version_1" in capsys.readouterr().out
+    record = torch.load(tmp_path / "runs" / "vaeflow" / "version_1" / "latents.pt")
+    model = FactorAnalysis.load_from_checkpoint(last)
+    torch.testing.assert_close(record["latents"], model.posterior(x)[0])
+    with pytest.raises(SystemExit):
+        main(["predict", *args, "--ckpt_path", str(tmp_path / "missing.ckpt")])
+    assert sorted(p.name for p in (tmp_path / "runs" / "vaeflow").iterdir()) == [
+        "version_0",
+        "version_1",
+    ]

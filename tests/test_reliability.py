@@ -186,9 +186,10 @@ def test_ckpt_path_last_without_a_last_checkpoint(capsys, tmp_path, monkeypatch)
     """``fit`` starts afresh (a job script can always pass it); ``test`` has nothing to test."""
     monkeypatch.chdir(tmp_path)
     run_main("fit", "--config", QUICKSTART, "--ckpt_path", "last", "--trainer.fast_dev_run", "1")
-    assert "no runs/quickstart/version_*/checkpoints/last.ckpt yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no runs/quickstart/version_*/checkpoints/last.ckpt, so training starts afresh" in err
     err = user_error(capsys, "test", "--config", QUICKSTART, "--ckpt_path", "last")
-    assert "--ckpt_path last: no checkpoint runs/quickstart/version_*/checkpoints/last.ckpt" in err
+    assert "--ckpt_path last: no runs/quickstart/version_*/checkpoints/last.ckpt. Give a" in err
 
 
 def test_model_config_keeps_the_checkpoints_architecture_and_the_commands_run_settings() -> None:
@@ -423,7 +424,7 @@ def test_a_killed_factor_analysis_resumes_and_ends_at_the_uninterrupted_fit(tmp_
     with the uninterrupted fit's, to round-off."""
     args = ("--model.init_args.method", "streaming", "--model.init_args.tol", "0")
     args += ("--model.init_args.max_iter", "40", "--trainer.enable_progress_bar", "false")
-    runs = Path("runs") / "vaeflow"  # the default logger's folder
+    runs = Path("runs") / "fa_synthetic"  # the config file's stem: it names no logger
     reference = tmp_path / "reference"
     reference.mkdir()
     assert start_fit(reference, *args, config=FA_SYNTHETIC).wait(timeout=600) == 0

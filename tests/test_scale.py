@@ -144,7 +144,7 @@ def test_two_processes_train_resume_and_log_what_one_process_computes(tmp_path: 
     config = str(write_config(tmp_path))
     ddp = ("--config", config, "--trainer.devices", "2", "--trainer.strategy", "ddp")
     vaeflow(tmp_path, "fit", *ddp)
-    runs = tmp_path / "runs" / "vaeflow"
+    runs = tmp_path / "runs" / "tiny"  # the config file's stem
     (first,) = (runs / "version_0" / "checkpoints").glob("epoch=*.ckpt")
     steps = steps_per_epoch(2)
     assert first.name == f"epoch=0-step={steps}.ckpt"  # one epoch of half the data
@@ -211,7 +211,7 @@ def test_two_nodes_under_torchrun_train_as_one_job(tmp_path: Path) -> None:
             node.kill()  # no-op for a finished process; ends a hung one
     for rank, (node, output) in enumerate(zip(nodes, outputs, strict=True)):
         assert node.returncode == 0, f"node {rank} exited {node.returncode}\n{output}"
-    (run,) = (tmp_path / "runs" / "vaeflow").iterdir()
+    (run,) = (tmp_path / "runs" / "tiny").iterdir()
     (checkpoint,) = (run / "checkpoints").glob("epoch=*.ckpt")
     assert checkpoint.name == f"epoch=0-step={steps_per_epoch(2)}.ckpt"
     assert math.isfinite(last_value(logged(run), "val/elbo"))

@@ -126,3 +126,18 @@ def test_per_dimension_names_sort_in_order() -> None:
     assert dimension_names("kl_dim", 4) == ["kl_dim_0", "kl_dim_1", "kl_dim_2", "kl_dim_3"]
     names = dimension_names("kl_dim", 50)
     assert names[0] == "kl_dim_00" and names[-1] == "kl_dim_49" and sorted(names) == names
+
+
+def test_an_evaluation_that_would_take_too_long_is_refused_with_its_time() -> None:
+    from vaeflow.errors import ConfigError
+    from vaeflow.models.vae import check_evaluation_time
+
+    model = VAE((4,), 2, eval_samples=10**12)
+    with pytest.raises(
+        ConfigError,
+        match=r"eval_samples=1000000000000 on the 8 val examples "
+        r"takes about [\d.e+]+ (h|d) on this machine .*longer than 1 h",
+    ):
+        check_evaluation_time(model, torch.rand(8, 4), "val", 3600.0)
+    model.eval_samples = 10
+    check_evaluation_time(model, torch.rand(8, 4), "val", 3600.0)  # milliseconds: accepted

@@ -33,6 +33,11 @@ from vaeflow.errors import CheckpointError
 LAST = "last"
 #: The key holding the Lightning version that wrote a checkpoint, which Lightning needs to read it.
 LIGHTNING_VERSION = "pytorch-lightning_version"
+#: The layout of vaeflow's checkpoints, stored in each under :data:`FORMAT_KEY`. A change of
+#: layout raises it and adds the step from the previous one to :data:`MIGRATIONS`, tested on the
+#: checkpoints of every earlier release kept in ``tests/data/checkpoints/``.
+FORMAT = 1
+FORMAT_KEY = "vaeflow_format"
 
 #: Init args that say how a model is trained or evaluated, not what its trained parameters
 #: mean: under ``--ckpt_path`` the command's config sets them, whatever the checkpoint holds.
@@ -75,6 +80,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
+        checkpoint[FORMAT_KEY] = FORMAT
         if storage_options is not None or "://" in str(path):  # remote: Lightning's writer
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -102,6 +108,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             os.close(folder)
 
+    @override
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """A local checkpoint through :func:`read_checkpoint` (safe, checked, migrated)."""
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return read_checkpoint(path)
+
 
 def describe_write_error(error: BaseException) -> str:
     """What went wrong in a write: the system's words for an ``OSError`` (``No space left on
@@ -113,7 +128,8 @@ def describe_write_error(error: BaseException) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint at ``path``, loaded on the CPU with ``weights_only`` (no pickled code runs).
+    """The checkpoint at ``path``, loaded on the CPU with ``weights_only`` (no pickled code runs)
+    and brought to the current :data:`FORMAT` (:func:`migrate`).
 
     Raises:
         CheckpointError: the file is missing, empty, truncated, not a checkpoint, or holds
@@ -150,7 +166,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "values (a vaeflow run writes such checkpoints)"
         ) from error
     check_structure(path, checkpoint)
-    return checkpoint
+    return migrate(checkpoint, path)
 
 
 def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -167,6 +183,39 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "model's weights alone cannot be resumed or evaluated. Give a .ckpt file written "
             "by vaeflow fit, or load the weights in Python with model.load_state_dict"
         )
+    return checkpoint
+
+
+def before_formats(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Format 0 (written before formats were recorded) to 1: a VAE from before posteriors were
+    registered has no ``posterior`` hyperparameter; its encoder gave a diagonal Gaussian."""
+    hyperparameters = checkpoint.get("hyper_parameters", {})
+    if "likelihood" in hyperparameters and "posterior" not in hyperparameters:
+        hyperparameters["posterior"] = "diagonal_gaussian"
+    return checkpoint
+
+
+#: ``{format n: the function that turns a checkpoint of format n into one of format n + 1}``.
+MIGRATIONS = {0: before_formats}
+
+
+def migrate(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``checkpoint`` brought from its format to :data:`FORMAT`, one migration at a time.
+
+    Raises:
+        CheckpointError: the checkpoint was written by a newer vaeflow, in a format this one
+            cannot read.
+    """
+    version = checkpoint.get(FORMAT_KEY, 0)
+    if not isinstance(version, int) or not 0 <= version <= FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a newer vaeflow (checkpoint format {version!r}; "
+            f"this vaeflow reads formats up to {FORMAT}): upgrade vaeflow (pip install -U "
+            "vaeflow) to use it"
+        )
+    for step in range(version, FORMAT):
+        checkpoint = MIGRATIONS[step](checkpoint)
+    checkpoint[FORMAT_KEY] = FORMAT
     return checkpoint
 
 
@@ -262,16 +311,6 @@ def check_state_dict(state: dict[str, Tensor], model: Module) -> None:
             f"({'; '.join(problems)}): it was edited, or written by another version of the "
             "model. Use a checkpoint written by vaeflow fit with this model"
         )
-
-
-def latest_last_checkpoint(root: str | os.PathLike) -> Path | None:
-    """``last.ckpt`` of the highest-numbered ``version_<n>`` run under ``root`` that has one."""
-    found = []
-    for candidate in Path(root).glob(f"version_*/checkpoints/{LAST}.ckpt"):
-        number = candidate.parent.parent.name.removeprefix("version_")
-        if number.isdigit():
-            found.append((int(number), candidate))
-    return max(found)[1] if found else None
 
 
 def plain(value: Any) -> Any:

@@ -12,6 +12,7 @@ import argparse
 import difflib
 import importlib.metadata
 import os
+import signal
 import sys
 from typing import Any
 
@@ -108,7 +109,7 @@ def main(args: list[str] | None = None) -> None:
 
     Exit codes: 0 done; 2 a mistake in the input (or a diverged training run), printed without
     a traceback unless ``--debug`` or ``VAEFLOW_DEBUG=1``; 128 + the signal when SIGINT (130)
-    or SIGTERM (143) interrupted training, after writing ``last.ckpt``.
+    or SIGTERM (143) interrupted the command, with one line saying what was saved.
     """
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0")
@@ -133,9 +134,13 @@ def main(args: list[str] | None = None) -> None:
         if code:
             sys.exit(code)
         return
-    from vaeflow.lightning_cli import run
+    try:
+        from vaeflow.lightning_cli import run
 
-    run(argv, debug=debug, from_sys_argv=args is None)
+        run(argv, debug=debug, from_sys_argv=args is None)
+    except KeyboardInterrupt:  # Ctrl+C before the run's own handler (start-up, parsing, data)
+        print("vaeflow: interrupted by SIGINT; nothing was saved", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def __getattr__(name: str) -> Any:

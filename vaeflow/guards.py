@@ -3,8 +3,8 @@
 - :class:`DivergenceGuard` stops training when the parameters turn non-finite or explode, with a
   message naming the likely causes, and refuses to write such parameters into any checkpoint, so
   the last checkpoint on disk is the last good one.
-- :class:`InterruptCheckpoint` lets the batch in progress finish when the run is interrupted,
-  writes ``last.ckpt`` (which ``--ckpt_path last`` resumes from) and ends the run with the
+- :class:`InterruptCheckpoint` stops an interrupted run where it can resume exactly, writes
+  ``last.ckpt`` there (which ``--ckpt_path last`` resumes from) and ends the run with the
   shell's code for the signal (130 for SIGINT, 143 for SIGTERM), never 0.
 """
 
@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from vaeflow.checkpointing import LAST
 from vaeflow.errors import TrainingDiverged
+from vaeflow.lightning_private import validation_follows
+from vaeflow.utils import as_list
 
 
 def total_norm(tensors: list[torch.Tensor]) -> float:
@@ -125,30 +126,63 @@ class DivergenceGuard(Callback):
         )
 
 
-class InterruptCheckpoint(Callback):
-    """On SIGINT (Ctrl+C) or SIGTERM (a scheduler's stop) during ``fit``: finish the batch,
-    write ``last.ckpt`` beside the run's checkpoints, and end with code 128 + the signal.
+class Interrupted(SystemExit):
+    """A run stopped by SIGINT or SIGTERM: the process ends with 128 + the signal (130, 143),
+    after :func:`~vaeflow.lightning_cli.run` prints :attr:`message`, one line."""
 
-    SIGTERM goes through Lightning's handler, which raises at the end of the batch; SIGINT is
-    caught here and stops the loop the same way (a second Ctrl+C stops at once, saving nothing).
+    def __init__(self, signum: signal.Signals, message: str) -> None:
+        super().__init__(128 + signum)
+        self.signal = signum
+        self.message = message
+
+
+class InterruptCheckpoint(Callback):
+    """On SIGINT (Ctrl+C) or SIGTERM (a scheduler's stop): stop where a resumed run goes on as
+    an uninterrupted one would, with ``last.ckpt`` written there, and end with 128 + the signal.
+
+    - Training a model that resumes mid-epoch (``resumes_mid_epoch``: the VAE, whose loader
+      position and epoch means are in its checkpoints): after the batch in progress, writing
+      ``last.ckpt`` there. A batch followed by validation or the epoch's end is carried through
+      them (a checkpoint before them would resume past them), as is a signal during validation.
+    - Training an EM model (its pass sums are not in checkpoints): at the end of the pass (the
+      EM iteration).
+    - At an epoch's end the run stops before the next epoch starts, with the ``last.ckpt`` that
+      Lightning wrote for the finished epoch.
+    - Before training starts (start-up, the sanity check) and in ``validate``, ``test`` and
+      ``predict``: at once; nothing is saved, as nothing was trained.
+    - A second signal stops at once, saving nothing.
+
+    SIGTERM of a multi-process run is left to Lightning (it stops every process together).
     """
 
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None
-        self._previous: Any = None
+        self._training = False
+        self._previous: dict[signal.Signals, Any] = {}
 
     @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.signal = None
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.signal, self._training = None, False
+        self._handle(signal.SIGINT)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._training = True
+        if trainer.world_size == 1:  # in place of Lightning's, which it set after setup
+            self._handle(signal.SIGTERM)
+
+    def _handle(self, signum: signal.Signals) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._record)
+            self._previous.setdefault(signum, signal.signal(signum, self._record))
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
+        if self.signal is not None or not self._training:
+            name = signal.Signals(signum).name
+            raise Interrupted(signal.Signals(signum), f"interrupted by {name}; nothing was saved")
         self.signal = signal.Signals(signum)
         print(
-            "\nvaeflow: interrupted, stopping after this batch (Ctrl+C again stops at once)",
+            f"\nvaeflow: {self.signal.name}: stopping where the run can resume exactly "
+            f"({self.signal.name} again stops at once, saving nothing)",
             file=sys.stderr,
         )
 
@@ -156,45 +190,66 @@ class InterruptCheckpoint(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.signal is not None:
-            trainer.should_stop = True
+        if (
+            self.signal is None
+            or not getattr(pl_module, "resumes_mid_epoch", False)
+            or not resumable_loaders(trainer)
+            or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            or validation_follows(trainer)
+        ):
+            return
+        where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        callback = trainer.checkpoint_callback
+        if callback is None or not getattr(callback, "dirpath", None):
+            raise Interrupted(
+                self.signal,
+                f"interrupted by {self.signal.name} at {where}; no checkpoint was written "
+                "(checkpointing is off)",
+            )
+        path = Path(callback.dirpath) / f"{LAST}.ckpt"
+        trainer.save_checkpoint(path)
+        raise Interrupted(
+            self.signal,
+            f"interrupted by {self.signal.name} at {where} (batch {batch_idx + 1} of "
+            f"{trainer.num_training_batches}): saved {path}; --ckpt_path last resumes there",
+        )
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.signal is None:
+            return
+        callback = trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "")
+        raise Interrupted(
+            self.signal,
+            f"interrupted by {self.signal.name} after epoch {trainer.current_epoch - 1}, step "
+            f"{trainer.global_step}: "
+            + (f"{last} holds it; --ckpt_path last resumes there" if last else "nothing saved"),
+        )
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.signal is not None:
-            self._save(trainer)
-
-    @override
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        if isinstance(exception, SIGTERMException):
-            self.signal = signal.SIGTERM
-            if trainer.state.fn == TrainerFn.FITTING:  # evaluation has nothing to save
-                self._save(trainer)
+        self._training = False
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+        self._training = False
 
-    def _save(self, trainer: Trainer) -> None:
-        callback = trainer.checkpoint_callback
-        where = "no checkpoint was written (checkpointing is off)"
-        if callback is not None and getattr(callback, "dirpath", None):
-            path = Path(callback.dirpath) / f"{LAST}.ckpt"
-            trainer.save_checkpoint(path)
-            where = f"saved {path}; resume with --ckpt_path last (or --ckpt_path {path})"
-        print(
-            f"vaeflow: interrupted by {self.signal.name} at epoch {trainer.current_epoch}, "
-            f"step {trainer.global_step}: {where}",
-            file=sys.stderr,
-        )
+
+def resumable_loaders(trainer: Trainer) -> bool:
+    """Whether every training loader keeps its place in checkpoints (Lightning's ``state_dict``
+    interface, as vaeflow's loaders have)."""
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    return all(hasattr(loader, "load_state_dict") for loader in as_list(loaders))
 
 
 def interrupting_signal(trainer: Trainer) -> signal.Signals | None:
-    """The signal that interrupted the trainer's last fit, if one did."""
+    """The signal that came as the trainer's last fit finished, if one did."""
     for callback in trainer.callbacks:
         if isinstance(callback, InterruptCheckpoint) and callback.signal is not None:
             return callback.signal

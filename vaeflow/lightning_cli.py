@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from jsonargparse.typing import import_object
 from lightning.pytorch import LightningModule, Trainer
@@ -36,7 +37,7 @@ from vaeflow.cli import DESCRIPTION, SUBCOMMANDS
 from vaeflow.cli_parser import VaeflowArgumentParser
 from vaeflow.console import closing_lines, quiet_run
 from vaeflow.errors import CheckpointError, ConfigError
-from vaeflow.guards import interrupting_signal
+from vaeflow.guards import Interrupted, interrupting_signal
 from vaeflow.registry import load_plugins
 from vaeflow.runs import (
     claim_run_folders,
@@ -45,7 +46,7 @@ from vaeflow.runs import (
     restore_given_versions,
 )
 from vaeflow.steps_per_call import fitting
-from vaeflow.user_errors import check_config_files, check_run_settings, explain
+from vaeflow.user_errors import check_config_files, check_run_settings, config_files, explain
 from vaeflow.utils import as_list
 
 #: The default progress bar (see :meth:`VaeflowCLI.before_instantiate_classes`).
@@ -102,6 +103,8 @@ class VaeflowCLI(LightningCLI):
     module's ``dims`` linked into the model's ``input_shape``, runs kept under ``runs/``."""
 
     def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
+        argv = sys.argv[1:] if args is None else args
+        self._config_files = config_files(argv) if isinstance(argv, list) else []
         parser_kwargs = {
             "prog": "vaeflow",
             "description": DESCRIPTION,
@@ -112,7 +115,7 @@ class VaeflowCLI(LightningCLI):
             "default_root_dir": RUNS_DIR,
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": RUNS_DIR, "name": "vaeflow"},
+                "init_args": {"save_dir": RUNS_DIR, "name": default_run_name(self._config_files)},
             },
             **kwargs.pop("trainer_defaults", {}),
         }
@@ -166,7 +169,10 @@ class VaeflowCLI(LightningCLI):
         check_run_settings(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == LAST:
-            ckpt_path = config.ckpt_path = resolve_last(config.trainer, subcommand)
+            resolved = yaml.safe_load(parser.dump(self.config, skip_none=False, skip_check=True))
+            ckpt_path = config.ckpt_path = resolve_last(
+                config.trainer, subcommand, resolved[subcommand], self._config_files
+            )
         if ckpt_path in CKPT_KEYWORDS:
             raise CheckpointError(
                 f"--ckpt_path {ckpt_path}: vaeflow reads checkpoints by their path (checked, and "
@@ -242,6 +248,13 @@ class VaeflowCLI(LightningCLI):
             )
 
 
+def default_run_name(files: list[Path]) -> str:
+    """The logger's ``name`` (its folder under ``runs/``) for a config that names no logger: the
+    first config file's stem (``configs/fa_synthetic.yaml`` runs in ``runs/fa_synthetic/``), so
+    that configs of different models never share a folder; ``vaeflow`` without a config file."""
+    return files[0].stem if files else "vaeflow"
+
+
 def is_class_config(value: Any, base: type) -> bool:
     """Whether a config entry (a class-path block or an object) is of class ``base``."""
     if isinstance(value, Namespace) and "class_path" in value:
@@ -280,7 +293,11 @@ def run(argv: list[str], *, debug: bool, from_sys_argv: bool) -> None:
             sys.argv[1:] = argv
         with empty_run_folders_removed_on_error(), quiet_run():
             cli = VaeflowCLI(args=None if from_sys_argv else argv)
-    except SIGTERMException:  # Lightning's stop at SIGTERM; last.ckpt is written
+    except Interrupted as stop:
+        print(f"vaeflow: {stop.message}", file=sys.stderr)
+        sys.exit(stop.code)
+    except SIGTERMException:  # Lightning's stop at SIGTERM outside training: nothing to save
+        print("vaeflow: interrupted by SIGTERM; nothing was saved", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except Exception as error:
         message = None if debug else explain(error)
@@ -300,6 +317,7 @@ def run(argv: list[str], *, debug: bool, from_sys_argv: bool) -> None:
             print("\n".join(closing_lines(cli.trainer, cli.subcommand, folder)))
     end_process_group()
     if stopped is not None:
+        print(f"vaeflow: {stopped.name} came as training ended; the run is whole", file=sys.stderr)
         sys.exit(128 + stopped)
 
 

@@ -56,6 +56,13 @@ def add_logged_steps(trainer: Trainer, steps: int) -> None:
     trainer.fit_loop.epoch_loop._batches_that_stepped += steps
 
 
+def validation_follows(trainer: Trainer) -> bool:
+    """Whether Lightning validates after the training batch just ended (at its
+    ``on_train_batch_end``): by batch count, time, or the epoch's end."""
+    fit_loop = trainer.fit_loop
+    return fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher)
+
+
 def every_n_train_steps(callback: ModelCheckpoint) -> int:
     """The step interval of a checkpoint callback; 0 when it does not save by steps."""
     return callback._every_n_train_steps

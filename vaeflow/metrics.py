@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +34,14 @@ class EpochMeans:
         else:
             self.total = self.total.add(values, alpha=batch_size)
         self.count += batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running sums, for a checkpoint written mid-epoch: a resumed run's epoch means are
+        then those of the whole epoch."""
+        return {"names": list(self.names), "total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.names, self.total, self.count = list(state["names"]), state["total"], state["count"]
 
     def compute(self, reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
         """The means over the epoch, and a reset. ``reduce_sum`` sums a tensor over processes

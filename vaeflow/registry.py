@@ -47,12 +47,17 @@ class Registry(Generic[T]):
             the command line knows which parameters take this registry's names
             (:func:`registry_of`); imported only when asked, as the base's module registers
             its own classes here.
+        builtins: the module that registers the built-in classes, imported before the first
+            lookup (``import vaeflow`` imports no family, so that the command starts fast).
     """
 
-    def __init__(self, kind: str, group: str, base: str | None = None) -> None:
+    def __init__(
+        self, kind: str, group: str, base: str | None = None, builtins: str | None = None
+    ) -> None:
         self.kind = kind
         self.group = group
         self.base = base
+        self.builtins = builtins
         self._classes: dict[str, type[T]] = {}
         self._distributions: dict[str, importlib.metadata.Distribution] = {}  # of entry points
         self._plugins_loaded = False
@@ -87,7 +92,10 @@ class Registry(Generic[T]):
         cls.registered_name = name  # type: ignore[attr-defined]
 
     def load_plugins(self) -> dict[str, str]:
-        """Import every entry point of this registry's group once; return the ones that failed."""
+        """Import the built-in classes' module and every entry point of this registry's group
+        once; return the entry points that failed."""
+        if self.builtins is not None:
+            importlib.import_module(self.builtins)
         if self._plugins_loaded or os.environ.get(NO_PLUGINS_ENV, "") not in ("", "0"):
             return self.failed_plugins
         self._plugins_loaded = True
@@ -174,15 +182,15 @@ class Registry(Generic[T]):
 
 
 LIKELIHOODS: Registry = Registry(
-    "likelihood", "vaeflow.likelihoods", base="vaeflow.likelihoods.Likelihood"
+    "likelihood", "vaeflow.likelihoods", "vaeflow.likelihoods.Likelihood", "vaeflow.likelihoods"
 )
-PRIORS: Registry = Registry("prior", "vaeflow.priors", base="vaeflow.priors.Prior")
+PRIORS: Registry = Registry("prior", "vaeflow.priors", "vaeflow.priors.Prior", "vaeflow.priors")
 #: encoder and decoder networks: ``nn.Module`` classes built as ``cls(input_shape,
 #: output_shape, **init_args)`` (see :mod:`vaeflow.nets`).
-NETS: Registry = Registry("net", "vaeflow.nets", base="torch.nn.Module")
+NETS: Registry = Registry("net", "vaeflow.nets", "torch.nn.Module", "vaeflow.nets")
 #: variational families q(z | x) (see :mod:`vaeflow.posteriors`).
 POSTERIORS: Registry = Registry(
-    "posterior", "vaeflow.posteriors", base="vaeflow.posteriors.Posterior"
+    "posterior", "vaeflow.posteriors", "vaeflow.posteriors.Posterior", "vaeflow.posteriors"
 )
 REGISTRIES = (LIKELIHOODS, PRIORS, POSTERIORS, NETS)  # narrower bases first: registry_of
 register_likelihood = LIKELIHOODS.register

@@ -12,17 +12,21 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
+import yaml
 from jsonargparse import Namespace
 from jsonargparse.typing import import_object
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from vaeflow.checkpointing import LAST, latest_last_checkpoint
+from vaeflow.callbacks.tracking import CONFIG_FILE
+from vaeflow.checkpointing import LAST, RUN_SETTINGS
 from vaeflow.errors import ConfigError
 from vaeflow.utils import as_list
 
@@ -31,6 +35,9 @@ VERSIONED = (CSVLogger, TensorBoardLogger)
 #: The run folders this process created, so that a run refused before writing anything leaves
 #: no empty folder behind (:func:`empty_run_folders_removed_on_error`).
 CREATED: list[Path] = []
+#: What a run writes before it starts: a folder holding only these is removed when the run is
+#: refused or crashes (:func:`empty_run_folders_removed_on_error`).
+SETTINGS_FILES = frozenset({CONFIG_FILE, "hparams.yaml"})
 #: The versions the first process claimed, for the processes Lightning launches for the other
 #: ranks (they inherit its environment and must log to the same folders).
 VERSIONS_VARIABLE = "VAEFLOW_RUN_VERSIONS"
@@ -76,6 +83,7 @@ def claim_run_folders(trainer: Namespace) -> list[tuple[Namespace, int | str | N
             logger.init_args.version = claim(root, version)
         except OSError as error:
             raise unusable_folder(Path(error.filename or root), error) from error
+        remove_stale_temporaries(root)
     os.environ[VERSIONS_VARIABLE] = json.dumps([logger.init_args.version for logger in loggers])
     return given
 
@@ -171,39 +179,166 @@ def create(folder: Path) -> None:
 
 @contextmanager
 def empty_run_folders_removed_on_error() -> Iterator[None]:
-    """Around a run: if it raises, remove the run folders it created that are still empty, so
-    that a run refused before it wrote anything (a bad option, data file or checkpoint) leaves
-    none. ``rmdir`` removes only an empty folder: nothing written is ever lost."""
+    """Around a run: if it raises (a refusal, a crash, an interruption), remove the run folder it
+    claimed if it holds nothing of a run (:func:`holds_nothing`), and the parents it created if
+    they are empty, so that a run refused before it
+    trained (a bad option, data file or checkpoint) leaves none. Any other file keeps its
+    folder: nothing a run produced is ever lost."""
     CREATED.clear()
     try:
         yield
     except BaseException:
         for folder in reversed(CREATED):
-            with suppress(OSError):  # holds the run's files, or is gone
-                folder.rmdir()
+            with suppress(OSError):  # holds files, or is gone
+                if folder.name.startswith("version_") and holds_nothing(folder):
+                    shutil.rmtree(folder)  # a run folder of this run's own
+                else:
+                    folder.rmdir()  # a parent, which other runs may be using
         raise
     finally:
         CREATED.clear()
 
 
-def resolve_last(trainer: Namespace, subcommand: str) -> str | None:
-    """What ``--ckpt_path last`` means: the ``last.ckpt`` of the latest run of the config's
-    logger (``<save_dir>/<name>/version_<n>``), or None (start afresh) when no run has one.
+def holds_nothing(folder: Path) -> bool:
+    """Whether ``folder`` holds no file but the config and hyperparameters a run writes before
+    it starts (:data:`SETTINGS_FILES`), in any depth of folders."""
+    return all(
+        (path.is_dir() and not path.is_symlink()) or path.name in SETTINGS_FILES
+        for path in folder.rglob("*")
+    )
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Remove the temporary checkpoint files (``.<name>.<pid>.tmp``, see
+    :class:`~vaeflow.checkpointing.AtomicCheckpointIO`) that runs under ``root`` killed while
+    saving left behind: those whose process is gone. A live run's file is left alone."""
+    for path in root.glob("version_*/checkpoints/.*.tmp"):
+        pid = path.name.removesuffix(".tmp").rpartition(".")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            with suppress(OSError):
+                path.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def resolve_last(
+    trainer: Namespace, subcommand: str, config: dict[str, Any], config_files: list[Path]
+) -> str | None:
+    """What ``--ckpt_path last`` means: the ``last.ckpt`` of the run the user means, said on
+    stderr; None (start afresh) when ``fit`` finds none.
+
+    - A run's own ``config.yaml`` given with ``--config`` names its run: that run.
+    - Otherwise, the latest run under the logger's folder (``<save_dir>/<name>/version_<n>``)
+      that trained the same model on the same data as ``config`` (:func:`trained_alike`).
 
     Lightning would look only in the new run's own folder, which is empty.
+
+    Args:
+        trainer: the command's trainer config.
+        subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
+        config: the command's resolved config as plain values (``model``, ``data``, ...).
+        config_files: the ``--config`` files, in the order given.
 
     Raises:
         ConfigError: ``validate``/``test``/``predict`` with no last checkpoint to evaluate.
     """
+    run = next((folder for folder in map(run_of_config, reversed(config_files)) if folder), None)
+    if run is not None:
+        last = run / "checkpoints" / f"{LAST}.ckpt"
+        if last.is_file():
+            print(
+                f"vaeflow: --ckpt_path last: continuing {run} (the run of {run / CONFIG_FILE})",
+                file=sys.stderr,
+            )
+            return str(last)
+        return afresh(subcommand, f"{run} has no {last.relative_to(run)} yet")
     loggers = versioned_loggers(trainer)
     if not loggers:
         return LAST  # no version folders: Lightning looks in default_root_dir/checkpoints
     root = run_root(loggers[0])
-    found = latest_last_checkpoint(root)
-    if found is not None:
-        return str(found)
-    where = root / "version_*" / "checkpoints" / f"{LAST}.ckpt"
+    runs = runs_with_last_checkpoint(root)
+    for folder, saved in runs:
+        if not differences(saved, config):
+            print(
+                f"vaeflow: --ckpt_path last: continuing {folder}, the latest run under {root} "
+                "that trained this model on this data",
+                file=sys.stderr,
+            )
+            return str(folder / "checkpoints" / f"{LAST}.ckpt")
+    if not runs:
+        return afresh(subcommand, f"no {root / 'version_*' / 'checkpoints' / f'{LAST}.ckpt'}")
+    latest, saved = runs[0]
+    return afresh(
+        subcommand,
+        f"no run under {root} trained this model on this data (the latest, {latest.name}, "
+        f"differs in {', '.join(differences(saved, config)[:3])})",
+        f"To continue {latest.name}, give its own config: --config {latest / CONFIG_FILE} "
+        "--ckpt_path last",
+    )
+
+
+def afresh(subcommand: str, why: str, fix: str = "") -> None:
+    """``fit`` starts afresh (a job script may pass ``--ckpt_path last`` from its first start);
+    the other commands have nothing to evaluate."""
     if subcommand != "fit":
-        raise ConfigError(f"--ckpt_path last: no checkpoint {where}; give a checkpoint's path")
-    print(f"vaeflow: --ckpt_path last: no {where} yet, so training starts afresh", file=sys.stderr)
-    return None
+        raise ConfigError(f"--ckpt_path last: {why}. {fix or 'Give a checkpoint path'}")
+    print(f"vaeflow: --ckpt_path last: {why}, so training starts afresh. {fix}", file=sys.stderr)
+
+
+def run_of_config(path: Path) -> Path | None:
+    """The run folder whose ``config.yaml`` ``path`` is (it has a ``checkpoints`` folder beside
+    it), or None for any other config file."""
+    path = Path(path)
+    folder = path.parent
+    return folder if path.name == CONFIG_FILE and (folder / "checkpoints").is_dir() else None
+
+
+def runs_with_last_checkpoint(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The runs under ``root`` with a ``last.ckpt`` and a readable ``config.yaml``, each with
+    its config, the latest (highest version) first."""
+    found = []
+    for last in root.glob(f"version_*/checkpoints/{LAST}.ckpt"):
+        folder = last.parents[1]
+        number = folder.name.removeprefix("version_")
+        with suppress(OSError, yaml.YAMLError):
+            saved = yaml.safe_load((folder / CONFIG_FILE).read_text())
+            if number.isdigit() and isinstance(saved, dict):
+                found.append((int(number), folder, saved))
+    return [(folder, saved) for _, folder, saved in sorted(found, key=lambda f: -f[0])]
+
+
+def differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Where a run's saved config trained another model or data than ``config``: the dotted
+    keys, with both values, of the ``model`` and ``data`` sections that differ, leaving out the
+    model's run settings (:data:`~vaeflow.checkpointing.RUN_SETTINGS`, which a resumed run may
+    change) and values the data module fills in (None in one of them)."""
+    found = []
+    for section in ("model", "data"):
+        ours, theirs = flat(config.get(section), section), flat(saved.get(section), section)
+        for key in sorted(ours.keys() | theirs.keys()):
+            mine, other = ours.get(key), theirs.get(key)
+            if mine is None or other is None or mine == other:
+                continue
+            if key.startswith("model.init_args.") and key.split(".")[2] in RUN_SETTINGS:
+                continue
+            found.append(f"{key} ({other!r} there, {mine!r} here)")
+    return found
+
+
+def flat(value: Any, prefix: str) -> dict[str, Any]:
+    """A nested config section as ``{dotted key: value}``."""
+    if isinstance(value, dict) and value:
+        return {
+            key: item
+            for name, inner in value.items()
+            for key, item in flat(inner, f"{prefix}.{name}").items()
+        }
+    return {prefix: value}

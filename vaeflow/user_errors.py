@@ -126,6 +126,17 @@ def parser_message(message: str) -> str:
     return text
 
 
+def config_files(argv: list[str]) -> list[Path]:
+    """The ``--config`` (``-c``) files in ``argv``, in the order given."""
+    found = []
+    for index, arg in enumerate(argv):
+        if arg in ("-c", "--config") and index + 1 < len(argv):
+            found.append(Path(argv[index + 1]))
+        elif arg.startswith("--config="):
+            found.append(Path(arg.removeprefix("--config=")))
+    return found
+
+
 def check_config_files(argv: list[str]) -> None:
     """Read every ``--config`` YAML file first, so that a mistake names its file (jsonargparse
     reports a syntax error as coming from ``<unicode string>``, and raises on bytes that are not
@@ -135,13 +146,7 @@ def check_config_files(argv: list[str]) -> None:
     Raises:
         ConfigError: what is wrong with which file, and how to fix it.
     """
-    for index, arg in enumerate(argv):
-        if arg in ("-c", "--config") and index + 1 < len(argv):
-            path = Path(argv[index + 1])
-        elif arg.startswith("--config="):
-            path = Path(arg.removeprefix("--config="))
-        else:
-            continue
+    for path in config_files(argv):
         if path.is_file():  # otherwise jsonargparse says it does not exist
             check_config_file(path)
 

@@ -333,7 +333,11 @@ class InMemoryDataModule(LightningDataModule):
 
     @override
     def predict_dataloader(self) -> TensorLoader:
-        return self._loader("test")
+        """The test split, or, for data without one (a user's file without ``test_fraction``
+        or ``test_path``), the training data: ``predict`` takes the data it is given."""
+        if not self.splits:
+            self.setup()
+        return self._loader("test" if len(self.splits["test"]) else "train")
 
 
 def hold_out(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

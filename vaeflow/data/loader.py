@@ -2,7 +2,9 @@
 
 Every random stream is a function of (``seed``, stream, epoch, rank) only, with the epoch taken
 from Lightning (``loader.sampler.set_epoch``): a resumed run, or a loader rebuilt every epoch
-(``reload_dataloaders_every_n_epochs``), sees the batches of an uninterrupted run.
+(``reload_dataloaders_every_n_epochs``), sees the batches of an uninterrupted run. The loader
+also keeps its place in the epoch in checkpoints (Lightning's ``state_dict`` interface of a
+resumable loader), so a run resumed from a mid-epoch checkpoint goes on with the next batch.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,6 +155,10 @@ class TensorLoader:
         self.data = data
         self.transform = transform
         self.sampler = ShardSampler(len(data), batch_size, shuffle, seed, rank, world_size)
+        #: Batches of the current epoch handed out (Lightning fetches none ahead from a loader
+        #: with a length, so these are the batches the training loop has taken).
+        self.taken = 0
+        self._resume_at: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -159,6 +166,23 @@ class TensorLoader:
     def __iter__(self) -> Iterator[Tensor]:
         sampler = self.sampler
         noise = random_stream(sampler.seed, Stream.BATCH_NOISE, sampler.epoch, sampler.rank)
+        resume, self._resume_at = self._resume_at, None
+        skip = resume["batches"] if resume and resume["epoch"] == sampler.epoch else 0
+        self.taken = 0
         for rows in sampler:
             batch = self.data[rows]
-            yield batch if self.transform is None else self.transform(batch, noise)
+            if self.transform is not None:  # skipped batches draw their noise all the same
+                batch = self.transform(batch, noise)
+            self.taken += 1
+            if self.taken > skip:
+                yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader is: the epoch and the batches of it handed out (Lightning stores this
+        in every checkpoint of a fit)."""
+        return {"epoch": self.sampler.epoch, "batches": self.taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on after the checkpoint's batches in its epoch (Lightning calls this only when it
+        resumes a fit mid-epoch): the next pass over that epoch skips them."""
+        self._resume_at = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}

@@ -1,11 +1,13 @@
-"""Models loaded from a checkpoint come back ready for inference, or with a message that says
-why they cannot."""
+"""Models loaded from a checkpoint come back ready for inference, from checkpoints of any
+earlier vaeflow."""
 
 from __future__ import annotations
 
+import io
 import os
 from typing import IO, Any
 
+import torch
 from lightning.pytorch import LightningModule
 from typing_extensions import Self, override
 
@@ -25,7 +27,11 @@ class ReadyForInference(LightningModule):
         cls, checkpoint_path: str | os.PathLike | IO[bytes], *args: Any, **kwargs: Any
     ) -> Self:
         if isinstance(checkpoint_path, str | os.PathLike) and "://" not in str(checkpoint_path):
-            read_lightning_checkpoint(checkpoint_path)  # raises what is wrong with the file
+            checkpoint = read_lightning_checkpoint(checkpoint_path)  # checked and migrated
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            buffer.seek(0)
+            checkpoint_path = buffer
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs).eval()
 
     @override

@@ -9,13 +9,15 @@ nats per example: summed over data dimensions, averaged over the batch.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.distributions import Distribution
 from torch.optim import Optimizer
@@ -50,6 +52,13 @@ ACTIVE_UNIT_VARIANCE = 0.01
 #: 2^20 (4 MiB in float32), so that a chunk's element-wise work stays in cache (1.4x faster than
 #: 64 MiB chunks for the MNIST VAE, ``benchmarks/vae_eval.py``).
 CPU_EVAL_CHUNK_NUMBERS = 2**20
+#: The longest an evaluation of the importance-weighted log-likelihood may take: an hour per
+#: validation in a fit (every epoch), a day for ``validate`` and ``test``.
+MAX_EVALUATION_SECONDS = {"fit": 3600.0, "validate": 86400.0, "test": 86400.0}
+#: An evaluation estimated to take longer than this is announced with its estimate.
+ANNOUNCED_EVALUATION_SECONDS = 30.0
+#: Key of the training epoch's running means in a checkpoint.
+TRAIN_MEANS_KEY = "vaeflow_train_means"
 #: the same on accelerators: 2^24 (64 MiB), fewer and larger kernels.
 EVAL_CHUNK_NUMBERS = 2**24
 
@@ -190,6 +199,10 @@ class VAE(ReadyForInference, SteppedModule):
             ``log_scale``, linked by the CLI): bits per dimension are of the data on their
             original grid (:func:`vaeflow.metrics.bits_per_dim`).
     """
+
+    #: Its checkpoints keep the training epoch's running means, so an interrupted run stops
+    #: mid-epoch and resumes there (:class:`~vaeflow.guards.InterruptCheckpoint`).
+    resumes_mid_epoch: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -551,6 +564,17 @@ class VAE(ReadyForInference, SteppedModule):
         self._means["train"] = EpochMeans()  # nothing left from an interrupted epoch
 
     @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the training epoch's running means: a run resumed from a checkpoint written
+        mid-epoch (an interruption) then logs that epoch's means over all of its batches."""
+        checkpoint[TRAIN_MEANS_KEY] = self._means["train"].state_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if TRAIN_MEANS_KEY in checkpoint:  # checkpoints written before it have none
+            self._means["train"].load_state_dict(checkpoint[TRAIN_MEANS_KEY])
+
+    @override
     def on_train_epoch_end(self) -> None:
         """Log the epoch, then step the schedulers (manual optimisation steps them itself)."""
         means = self._log_epoch("train")
@@ -577,7 +601,8 @@ class VAE(ReadyForInference, SteppedModule):
     def setup(self, stage: str) -> None:
         """Check the data against the likelihood's support once, before any step runs."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        for split, data in getattr(datamodule, "splits", {}).items():
+        splits = getattr(datamodule, "splits", {})
+        for split, data in splits.items():
             self.likelihood.check_support(data)
             check_representable(data, self.dtype, f"the {split} split")
         batch_size = getattr(datamodule, "batch_size", None)
@@ -590,6 +615,9 @@ class VAE(ReadyForInference, SteppedModule):
                 f"a training step with num_samples={self.num_samples} and batch_size={batch_size}",
                 "choose fewer samples (num_samples) or a smaller batch_size",
             )
+        split = {"fit": "val", "validate": "val", "test": "test"}.get(stage)
+        if self.eval_samples and split in splits and len(splits[split]):
+            check_evaluation_time(self, splits[split], split, MAX_EVALUATION_SECONDS[stage])
         super().setup(stage)
 
     @override
@@ -607,3 +635,34 @@ class VAE(ReadyForInference, SteppedModule):
         if self.lr_scheduler is None:
             return optimizers, []
         return optimizers, [self.lr_scheduler(optimizer) for optimizer in optimizers]
+
+
+def check_evaluation_time(model: VAE, data: Tensor, split: str, limit: float) -> None:
+    """Time ``log_likelihood`` with up to 256 samples on up to 64 examples of ``data`` and
+    extrapolate to ``eval_samples`` on every example (the cost is linear in both): refuse an
+    evaluation longer than ``limit`` seconds, with its estimate; announce one longer than
+    :data:`ANNOUNCED_EVALUATION_SECONDS`, so that a long silence is expected."""
+    samples, examples = min(model.eval_samples, 256), min(len(data), 64)
+    start = time.perf_counter()
+    model.log_likelihood(data[:examples], samples)
+    seconds = (time.perf_counter() - start) * model.eval_samples / samples * len(data) / examples
+    what = (
+        f"the importance-weighted log-likelihood with eval_samples={model.eval_samples} on the "
+        f"{len(data)} {split} examples takes about {duration(seconds)} on this machine"
+    )
+    if seconds > limit:
+        raise ConfigError(
+            f"{what} (measured on {examples} examples with {samples} samples), longer than "
+            f"{duration(limit)}: lower model.init_args.eval_samples (5000 gives a test "
+            "log-likelihood to a few hundredths of a nat), or 0 to skip it"
+        )
+    if seconds > ANNOUNCED_EVALUATION_SECONDS:
+        rank_zero_info(f"vaeflow: {what} per evaluation")
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` in the largest unit that keeps a number above 1 (s, min, h, d)."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
