@@ -82,6 +82,8 @@ class Posterior(nn.Module):
     #: True when q(z | x) is a product over the latent dimensions: per-dimension KLs (free bits)
     #: need it.
     factorises: bool = False
+    #: samples whose mean is the family's E[z | x] (its ``mean``); 0 for a closed form.
+    mean_samples: int = 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -305,6 +307,8 @@ class PlanarFlowPosterior(Posterior):
         num_flows: planar steps K.
     """
 
+    mean_samples = MEAN_SAMPLES
+
     def __init__(self, num_flows: int = 4) -> None:
         super().__init__()
         if num_flows < 1:
@@ -414,6 +418,8 @@ class IAFPosterior(Posterior):
         gate_bias: initial bias of s, so that each step starts close to the identity
             (sigma = sigmoid(gate_bias)) and the first updates stay small.
     """
+
+    mean_samples = MEAN_SAMPLES
 
     def __init__(
         self,

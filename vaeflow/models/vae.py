@@ -25,9 +25,11 @@ from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
 from vaeflow.callbacks import prediction_callbacks
+from vaeflow.callbacks.pictures import expected
 from vaeflow.contracts import check_likelihood, check_net, check_posterior, check_prior
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.hparams import save_plain_hyperparameters
+from vaeflow.image_quality import ImageGeometry, image_geometry, image_quality
 from vaeflow.likelihoods import Likelihood, check_scale_range
 from vaeflow.metrics import EpochMeans, bits_per_dim
 from vaeflow.models.inputs import as_examples
@@ -281,6 +283,8 @@ class VAE(ReadyForInference, SteppedModule):
         self.gradient_clip_val = gradient_clip_val
         self.data_log_scale = data_log_scale
         self._means = {stage: EpochMeans() for stage in ("train", "val", "test")}
+        #: set at setup when the data module's examples are pictures (:mod:`vaeflow.image_quality`)
+        self._image_geometry: ImageGeometry | None = None
 
     # -- the model --------------------------------------------------------------------------------
 
@@ -505,6 +509,12 @@ class VAE(ReadyForInference, SteppedModule):
             "reconstruction_spread": reconstructions.std(0),
         }
 
+    def prediction_extras(self) -> dict[str, Tensor]:
+        """Beside the codes in ``latents.pt``: for a family without a closed-form mean (a
+        flow), ``latent_mean_samples``, the number S of samples each code is the mean of."""
+        samples = self.posterior.mean_samples
+        return {"latent_mean_samples": torch.tensor(samples)} if samples else {}
+
     def _evaluate(self, stage: str, x: Tensor) -> None:
         """The ELBO's two terms and the importance-weighted log-likelihood; at test also the
         moments of the posterior means (for the active units) and the KL of each dimension."""
@@ -518,7 +528,18 @@ class VAE(ReadyForInference, SteppedModule):
             metrics |= per_dimension("code_square", codes.square().mean(0))
             if self.prior.marginals() is not None and self.posterior.factorises:
                 metrics |= per_dimension("kl_dim", self.kl_per_dimension(posterior, z).mean(0))
+            if self._image_geometry is not None:
+                metrics |= self.image_quality(x, codes)
         self._means[stage].update(metrics, len(x))
+
+    def image_quality(self, x: Tensor, codes: Tensor) -> dict[str, Tensor]:
+        """Batch means of PSNR and SSIM of the reconstructions E[x | z = E[z|x]] (``codes``) and
+        of the sharpness of as many samples E[x | z], z ~ p(z) (:mod:`vaeflow.image_quality`;
+        a family without a mean, the categorical, gives a draw instead)."""
+        reconstructions = expected(self.decode(codes))
+        samples = expected(self.decode(self.prior().sample((len(x),))))
+        metrics = image_quality(x, reconstructions, samples, self._image_geometry)
+        return {name: value.mean() for name, value in metrics.items()}
 
     def latent_summary(self, means: dict[str, Tensor]) -> dict[str, Tensor]:
         """From the test epoch's means: the number of active units (Burda et al., 2016: latent
@@ -599,7 +620,8 @@ class VAE(ReadyForInference, SteppedModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Check the data against the likelihood's support once, before any step runs."""
+        """Check the data against the likelihood's support once, before any step runs, and
+        note whether the examples are pictures (image quality at test)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         splits = getattr(datamodule, "splits", {})
         for split, data in splits.items():
@@ -618,6 +640,7 @@ class VAE(ReadyForInference, SteppedModule):
         split = {"fit": "val", "validate": "val", "test": "test"}.get(stage)
         if self.eval_samples and split in splits and len(splits[split]):
             check_evaluation_time(self, splits[split], split, MAX_EVALUATION_SECONDS[stage])
+        self._image_geometry = image_geometry(datamodule, self.input_shape)
         super().setup(stage)
 
     @override
