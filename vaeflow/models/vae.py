@@ -263,10 +263,14 @@ class VAE(ReadyForInference, SteppedModule):
         with self.gradients():
             return self.posterior(self.encoder(x))
 
-    def decode(self, z: Tensor) -> Distribution:
-        """p(x | z), batched over the leading dimensions of ``z`` (samples, examples)."""
+    def decode(self, z: Tensor, size_factor: Tensor | None = None) -> Distribution:
+        """p(x | z), batched over the leading dimensions of ``z`` (samples, examples).
+
+        ``size_factor`` (one per example, broadcast against those dimensions) scales the mean
+        of a count likelihood with ``library_size: observed``: the library size to decode for.
+        """
         with self.gradients():
-            return self.likelihood(self.decoder_outputs(z))
+            return self.likelihood.decoded(self.decoder_outputs(z), size_factor)
 
     def decoder_outputs(self, z: Tensor) -> Tensor:
         """The decoder's outputs for ``z``, whose leading dimensions it sees as one batch."""
@@ -381,11 +385,16 @@ class VAE(ReadyForInference, SteppedModule):
                 total = chunk if total is None else torch.logaddexp(total, chunk)
         return total - math.log(num_samples)
 
-    def sample(self, n: int, mean: bool = False) -> Tensor:
-        """``n`` draws x ~ p(x|z) p(z), shape ``(n, *input_shape)``; ``mean`` gives E[x|z]."""
+    def sample(self, n: int, mean: bool = False, size_factor: Tensor | None = None) -> Tensor:
+        """``n`` draws x ~ p(x|z) p(z), shape ``(n, *input_shape)``; ``mean`` gives E[x|z].
+        ``size_factor`` (a number or ``n`` of them) is the library size of count likelihoods
+        with ``library_size: observed`` (see :meth:`decode`)."""
         with torch.no_grad():
             z = self.prior().sample((n,))
-            likelihood = self.decode(z)
+            if size_factor is not None:
+                size_factor = torch.as_tensor(size_factor, dtype=z.dtype, device=z.device)
+                size_factor = size_factor.expand(n)
+            likelihood = self.decode(z, size_factor)
             return likelihood.mean if mean else likelihood.sample()
 
     # -- training -----------------------------------------------------------------------------
