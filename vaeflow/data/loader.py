@@ -64,6 +64,8 @@ class ShardSampler:
         seed: seed of the order.
         rank: this process's index among ``world_size``.
         world_size: number of processes sharing the data.
+        condition: one condition row per example (a conditional VAE's); given, each batch is
+            the pair ``(examples, conditions)`` of the same rows.
     """
 
     def __init__(
@@ -133,6 +135,8 @@ class TensorLoader:
         seed: seed of the order and of the noise.
         rank: this process's index among ``world_size``.
         world_size: number of processes sharing the data.
+        condition: one condition row per example (a conditional VAE's); given, each batch is
+            the pair ``(examples, conditions)`` of the same rows.
     """
 
     #: Lightning reads a loader as a ``DataLoader``: a ``sampler`` (here :class:`ShardSampler`,
@@ -148,17 +152,20 @@ class TensorLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        condition: Tensor | None = None,
     ) -> None:
         self.data = data
+        self.condition = condition
         self.transform = transform
         self.sampler = ShardSampler(len(data), batch_size, shuffle, seed, rank, world_size)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         sampler = self.sampler
         noise = random_stream(sampler.seed, Stream.BATCH_NOISE, sampler.epoch, sampler.rank)
         for rows in sampler:
             batch = self.data[rows]
-            yield batch if self.transform is None else self.transform(batch, noise)
+            batch = batch if self.transform is None else self.transform(batch, noise)
+            yield batch if self.condition is None else (batch, self.condition[rows])
