@@ -81,3 +81,9 @@ def test_a_missing_or_misshapen_condition_is_refused() -> None:
         plain.encode(x, torch.ones(2, 3))
     with pytest.raises(ConfigError, match="predict_condition=3"):
         VAE((6,), condition_dim=3, predict_condition=3)
+
+
+def test_a_vae_whose_condition_dim_differs_from_the_data_is_refused(silent_trainer) -> None:
+    data = DigitsDataModule(condition="labels")
+    with pytest.raises(ConfigError, match="condition_dim: 10"):
+        silent_trainer().fit(VAE(data.dims), datamodule=data)

@@ -132,10 +132,6 @@ class VaeflowCLI(LightningCLI):
             parser.add_shipped_classes("model", SHIPPED_MODELS)
             parser.add_shipped_classes("data", SHIPPED_DATA)
         parser.link_arguments("data.dims", "model.init_args.input_shape", apply_on="instantiate")
-        # the length of the condition a conditional VAE gets beside each example (0: none)
-        parser.link_arguments(
-            "data.condition_dim", "model.init_args.condition_dim", apply_on="instantiate"
-        )
         # Bits per dimension on the data's original grid. jsonargparse skips the link for a
         # model without ``data_log_scale`` or a data module without ``log_scale``.
         parser.link_arguments(

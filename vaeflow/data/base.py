@@ -166,8 +166,8 @@ class InMemoryDataModule(LightningDataModule):
 
     @property
     def condition_dim(self) -> int:
-        """Length of one example's condition (the number of classes; 0 without a condition);
-        the CLI links it into a conditional model."""
+        """Length of one example's condition (the number of classes; 0 without a condition):
+        a conditional VAE's ``condition_dim`` must equal it."""
         if self.condition == "none":
             return 0
         train, _ = self.load_labels()

@@ -183,8 +183,8 @@ class VAE(ReadyForInference, SteppedModule):
             ``log_scale``, linked by the CLI): bits per dimension are of the data on their
             original grid (:func:`vaeflow.metrics.bits_per_dim`).
         condition_dim: length of the condition c given beside each example (a one-hot class
-            label, covariates such as a batch index; linked by the CLI from the data module's
-            ``condition_dim``): a conditional VAE, q(z | x, c) and p(x | z, c), with c appended
+            label, covariates such as a batch index; it must equal the data module's
+            ``condition_dim``, checked before training): a conditional VAE, q(z | x, c) and p(x | z, c), with c appended
             to the encoder's input features or channels and to the decoder's latent code
             (:func:`vaeflow.nets.append_condition`), so any net takes it. 0: unconditional.
         predict_condition: a class (0 .. condition_dim - 1) whose one-hot condition ``vaeflow
@@ -678,6 +678,13 @@ class VAE(ReadyForInference, SteppedModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         for data in getattr(datamodule, "splits", {}).values():
             self.likelihood.check_support(data)
+        given = getattr(datamodule, "condition_dim", 0)
+        if given != self.condition_dim:
+            raise ConfigError(
+                f"the data give a condition of {given} numbers per example (data option "
+                f"condition) and the VAE has condition_dim={self.condition_dim}: set "
+                f"model condition_dim: {given}"
+            )
         super().setup(stage)
 
     @override
