@@ -184,9 +184,10 @@ class VAE(ReadyForInference, SteppedModule):
             original grid (:func:`vaeflow.metrics.bits_per_dim`).
         condition_dim: length of the condition c given beside each example (a one-hot class
             label, covariates such as a batch index; it must equal the data module's
-            ``condition_dim``, checked before training): a conditional VAE, q(z | x, c) and p(x | z, c), with c appended
-            to the encoder's input features or channels and to the decoder's latent code
-            (:func:`vaeflow.nets.append_condition`), so any net takes it. 0: unconditional.
+            ``condition_dim``, checked before training): a conditional VAE, q(z | x, c) and
+            p(x | z, c), with c appended to the encoder's input features or channels and to the
+            decoder's latent code (:func:`vaeflow.nets.append_condition`), so any net takes it.
+            0: unconditional.
         predict_condition: a class (0 .. condition_dim - 1) whose one-hot condition ``vaeflow
             predict`` decodes every example's code under, beside its own (``counterfactuals``).
     """
