@@ -148,6 +148,7 @@ def vaeflow_rows(data: dict[str, np.ndarray], args: argparse.Namespace) -> list[
         torch.manual_seed(1)
         score = model.log_likelihood(test, args.samples).mean().item()
         rows.append({"model": f"vaeflow {name}", "test_ll": score, "seconds_per_epoch": seconds})
+        print(rows[-1], flush=True)  # a long run shows its progress
     rng = np.random.default_rng(args.seed + 1)
     shifted = data["train"] + rng.random(data["train"].shape, dtype=np.float32)
     model, seconds = train_vaeflow(
