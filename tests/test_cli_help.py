@@ -88,7 +88,7 @@ def test_network_help_lists_the_registered_nets_not_every_module_installed(
 ) -> None:
     text = unwrapped(help_text(capsys, "fit", "--model.help", "VAE"))
     assert "registered nets: conv_decoder, conv_encoder, mlp" in text
-    assert "registered likelihoods: bernoulli, categorical," in text
+    assert "registered likelihoods: bernoulli, beta, categorical," in text
     assert "torch.nn.Identity" not in text and "torchvision" not in text
 
 

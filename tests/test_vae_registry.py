@@ -5,7 +5,7 @@ so a new family or net is tested the day it is registered)."""
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from vaeflow.errors import ConfigError
 from vaeflow.models import VAE
@@ -62,12 +62,39 @@ def test_every_net_serves_as_encoder_or_decoder_trains_checkpoints_and_reloads(
     assert served, f"net {name!r} serves neither as encoder nor as decoder"
 
 
+@pytest.mark.parametrize("name", NETS.names())
+def test_every_net_takes_a_condition_in_every_role_it_serves(
+    silent_trainer, tmp_path, name: str
+) -> None:
+    """A conditional VAE (condition_dim 3) with the net as encoder or decoder trains on
+    (examples, conditions) batches, checkpoints and reloads; its decoder's outputs depend on
+    the condition. The net itself is not changed: the condition is appended to its input."""
+    served = []
+    for role in ("encoder", "decoder"):
+        pl.seed_everything(0)
+        try:
+            model = VAE(IMAGE, latent_dim=3, condition_dim=3, **{role: name})
+        except ConfigError:
+            continue
+        served.append(role)
+        assert_trains_checkpoints_and_reloads(model, silent_trainer, tmp_path)
+        z = torch.randn(2, 3)
+        one, other = (torch.eye(3)[[k, k]] for k in (0, 2))
+        assert not torch.allclose(model.decoder_outputs(z, one), model.decoder_outputs(z, other))
+    assert served, f"net {name!r} serves neither as encoder nor as decoder"
+
+
 def assert_trains_checkpoints_and_reloads(model: VAE, silent_trainer, tmp_path) -> None:
     """One training step changes the parameters; the checkpoint reloads alone to the same
-    parameters and the same ELBO under the same random draws."""
+    parameters and the same ELBO under the same random draws. A conditional model gets
+    batches of (examples, one-hot conditions)."""
     before = {key: value.clone() for key, value in model.state_dict().items()}
     trainer = silent_trainer(max_steps=1)
-    trainer.fit(model, DataLoader(data_for(model), batch_size=16))
+    x = data_for(model)
+    classes = torch.arange(len(x)) % max(model.condition_dim, 1)
+    condition = torch.eye(model.condition_dim)[classes] if model.condition_dim else None
+    data = TensorDataset(x) if condition is None else TensorDataset(x, condition)
+    trainer.fit(model, DataLoader(data, batch_size=16))
     assert trainer.global_step == 1
     assert any(not torch.equal(before[key], value) for key, value in model.state_dict().items())
     path = tmp_path / "model.ckpt"
@@ -78,8 +105,8 @@ def assert_trains_checkpoints_and_reloads(model: VAE, silent_trainer, tmp_path) 
     assert type(reloaded.decoder) is type(model.decoder)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
-    x = data_for(model)[:4]
+    condition = None if condition is None else condition[:4]
     torch.manual_seed(1)
-    expected = model.elbo(x)
+    expected = model.elbo(x[:4], condition=condition)
     torch.manual_seed(1)
-    torch.testing.assert_close(reloaded.elbo(x), expected)
+    torch.testing.assert_close(reloaded.elbo(x[:4], condition=condition), expected)

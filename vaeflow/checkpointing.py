@@ -57,6 +57,7 @@ RUN_SETTINGS = frozenset(
         "training",
         "gradient_clip_val",
         "steps_per_call",
+        "predict_condition",
         # FactorAnalysis
         "method",
         "moments_max_dim",

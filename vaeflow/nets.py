@@ -17,6 +17,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from vaeflow.errors import ConfigError
@@ -33,6 +34,25 @@ def build_net(
     """The network of a factory or registered name for one input and one output shape."""
     factory = NETS.get(spec) if isinstance(spec, str) else spec
     return factory(input_shape, output_shape)
+
+
+def conditioned_shape(shape: tuple[int, ...], condition_dim: int) -> tuple[int, ...]:
+    """The input shape of a net that also takes a condition: ``condition_dim`` more features of
+    a vector, or channels of an image (see :func:`append_condition`)."""
+    first, *rest = shape
+    return (first + condition_dim, *rest)
+
+
+def append_condition(x: Tensor, condition: Tensor, event_dims: int) -> Tensor:
+    """``x`` ``(*batch, C, *rest)`` (``event_dims`` = 1 + len(rest)) with ``condition`` ``(*batch,
+    K)`` appended along its first event axis: K more features of a vector, or K more channels
+    of an image, constant over its pixels (as conditional GANs and CVAEs feed labels to
+    convolutions). Every net then takes a condition without being rewritten: it is built for
+    :func:`conditioned_shape` of its input."""
+    rest = x.shape[x.dim() - event_dims + 1 :]
+    condition = condition.reshape(*condition.shape, *(1,) * len(rest))
+    condition = condition.expand(*x.shape[: x.dim() - event_dims], -1, *rest).to(x.dtype)
+    return torch.cat([x, condition], dim=x.dim() - event_dims)
 
 
 def activation_class(name: str) -> type[nn.Module]:

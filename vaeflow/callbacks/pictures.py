@@ -103,7 +103,16 @@ class Picture:
     #: the public attributes a model needs for this picture
     needs: ClassVar[tuple[str, ...]]
 
+    #: whether it draws a conditional model (one with ``condition_dim``) too: the kinds that
+    #: encode examples or decode codes of their own have no condition to give it
+    draws_conditional: ClassVar[bool] = False
+
     def applies(self, model: LightningModule) -> bool:
+        conditional = getattr(model, "condition_dim", 0) > 0
+        return self.reads(model) and (self.draws_conditional or not conditional)
+
+    def reads(self, model: LightningModule) -> bool:
+        """Whether the model has what this picture reads."""
         return all(hasattr(model, attribute) for attribute in self.needs)
 
     def examples_needed(self) -> int:
@@ -156,6 +165,8 @@ class Samples(Picture):
 
     name = "samples"
     needs = ("decode", "sample")
+    #: a conditional VAE's ``sample`` cycles through the classes: a class every K-th draw
+    draws_conditional = True
 
     def __init__(self, num_samples: int = 64, columns: int = 8) -> None:
         self.num_samples = num_samples
@@ -259,7 +270,7 @@ class LatentScatter(Picture):
         return self.num_points
 
     @override
-    def applies(self, model: LightningModule) -> bool:
+    def reads(self, model: LightningModule) -> bool:
         return hasattr(model, "encode") or hasattr(model, "posterior")
 
     @override

@@ -8,6 +8,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor
 from typing_extensions import override
@@ -79,6 +80,9 @@ class InMemoryDataModule(LightningDataModule):
         binarize: sample binary data with the pixel values as probabilities (``static`` once,
             ``dynamic`` anew for every training batch, validation and test once).
         flatten: present each example as a vector rather than an image.
+        condition: what a conditional VAE is given beside each example: ``none``, or
+            ``labels``: the class label as a one-hot vector (``condition_dim`` classes), so that
+            batches are pairs ``(examples, conditions)``.
     """
 
     #: (low, high) of the raw integer values when known (pixels: (0, 255)); None otherwise.
@@ -96,6 +100,7 @@ class InMemoryDataModule(LightningDataModule):
         dequantize: Noise = "none",
         binarize: Noise = "none",
         flatten: bool = True,
+        condition: Literal["none", "labels"] = "none",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -113,6 +118,7 @@ class InMemoryDataModule(LightningDataModule):
         self.dequantize = dequantize
         self.binarize = binarize
         self.flatten = flatten
+        self.condition = condition
         #: The prepared examples of each split (train, val, test), as the model sees them.
         self.splits: dict[Split, Tensor] = {}
         #: The row numbers of each split's examples in the data they came from (the training
@@ -158,7 +164,27 @@ class InMemoryDataModule(LightningDataModule):
             self.setup()
         return torch.as_tensor(source)[self.indices[split]]
 
+    def conditions(self, split: Split) -> Tensor | None:
+        """The one-hot class labels of ``split`` with ``condition: labels``, else None."""
+        if self.condition == "none":
+            return None
+        classes = self.condition_dim  # refuses data without labels
+        return F.one_hot(self.labels(split).long(), classes).to(torch.get_default_dtype())
+
     # -- what the model and the CLI read -------------------------------------------------------
+
+    @property
+    def condition_dim(self) -> int:
+        """Length of one example's condition (the number of classes; 0 without a condition):
+        a conditional VAE's ``condition_dim`` must equal it."""
+        if self.condition == "none":
+            return 0
+        train, _ = self.load_labels()
+        if train is None:
+            raise DataError(
+                f"{type(self).__name__} has no class labels to condition on: set condition: none"
+            )
+        return int(torch.as_tensor(train).max()) + 1
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -309,6 +335,7 @@ class InMemoryDataModule(LightningDataModule):
             seed=self.seed,
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
+            condition=self.conditions(split),
         )
 
     def _noised_once(self, split: Split, data: Tensor, noise: BatchNoise) -> Tensor:

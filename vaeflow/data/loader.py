@@ -67,6 +67,8 @@ class ShardSampler:
         seed: seed of the order.
         rank: this process's index among ``world_size``.
         world_size: number of processes sharing the data.
+        condition: one condition row per example (a conditional VAE's); given, each batch is
+            the pair ``(examples, conditions)`` of the same rows.
     """
 
     def __init__(
@@ -136,6 +138,8 @@ class TensorLoader:
         seed: seed of the order and of the noise.
         rank: this process's index among ``world_size``.
         world_size: number of processes sharing the data.
+        condition: one condition row per example (a conditional VAE's); given, each batch is
+            the pair ``(examples, conditions)`` of the same rows.
     """
 
     #: Lightning reads a loader as a ``DataLoader``: a ``sampler`` (here :class:`ShardSampler`,
@@ -151,8 +155,10 @@ class TensorLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        condition: Tensor | None = None,
     ) -> None:
         self.data = data
+        self.condition = condition
         self.transform = transform
         self.sampler = ShardSampler(len(data), batch_size, shuffle, seed, rank, world_size)
         #: Batches of the current epoch handed out (Lightning fetches none ahead from a loader
@@ -163,7 +169,7 @@ class TensorLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         sampler = self.sampler
         noise = random_stream(sampler.seed, Stream.BATCH_NOISE, sampler.epoch, sampler.rank)
         resume, self._resume_at = self._resume_at, None
@@ -175,7 +181,7 @@ class TensorLoader:
                 batch = self.transform(batch, noise)
             self.taken += 1
             if self.taken > skip:
-                yield batch
+                yield batch if self.condition is None else (batch, self.condition[rows])
 
     def state_dict(self) -> dict[str, Any]:
         """Where the loader is: the epoch and the batches of it handed out (Lightning stores this

@@ -126,6 +126,7 @@ class TorchvisionDataModule(InMemoryDataModule):
 
     @override
     def load_labels(self) -> tuple[Tensor, Tensor]:
+        self.prepare_data()  # a conditional model reads them (condition_dim) before setup
         return tuple(torch.as_tensor(self._dataset(train).targets) for train in (True, False))
 
     def _dataset(self, train: bool) -> VisionDataset:

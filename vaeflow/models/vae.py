@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
@@ -34,7 +35,7 @@ from vaeflow.likelihoods import Likelihood, check_scale_range
 from vaeflow.metrics import EpochMeans, bits_per_dim
 from vaeflow.models.inputs import as_examples
 from vaeflow.models.loading import ReadyForInference
-from vaeflow.nets import NetFactory, build_net
+from vaeflow.nets import NetFactory, append_condition, build_net, conditioned_shape
 from vaeflow.posteriors import Posterior, PosteriorContext, check_posterior_factorises
 from vaeflow.priors import (
     Prior,
@@ -88,6 +89,18 @@ def samples_per_chunk(examples: int, outputs_per_example: int, device: torch.dev
     on ``device``: as many as keep its outputs under the device's bound, at least one."""
     bound = CPU_EVAL_CHUNK_NUMBERS if device.type == "cpu" else EVAL_CHUNK_NUMBERS
     return max(1, bound // max(1, examples * outputs_per_example))
+
+
+#: a batch: the examples, or for a conditional VAE the pair (examples, conditions)
+Batch = Tensor | tuple[Tensor, Tensor] | list[Tensor]
+
+
+def split_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
+    """(examples, conditions) of a batch; the conditions None for an unconditional one (a
+    tensor, or the one-tensor list of a ``TensorDataset(x)``)."""
+    if isinstance(batch, tuple | list):
+        return batch[0], batch[1] if len(batch) > 1 else None
+    return batch, None
 
 
 def kl_estimator(estimator: Estimator) -> Callable[[Distribution, Distribution, Tensor], Tensor]:
@@ -200,6 +213,11 @@ class VAE(ReadyForInference, SteppedModule):
         data_log_scale: log of the factor the data module divided each value by (its
             ``log_scale``, linked by the CLI): bits per dimension are of the data on their
             original grid (:func:`vaeflow.metrics.bits_per_dim`).
+        condition_dim: length of the condition c beside each example (one-hot label,
+            covariates; equal to the data's, checked): q(z | x, c) and p(x | z, c) get c
+            appended (:func:`vaeflow.nets.append_condition`). 0: unconditional.
+        predict_condition: a class whose condition ``vaeflow predict`` also decodes every
+            code under (``counterfactuals``).
     """
 
     #: Its checkpoints keep the training epoch's running means, so an interrupted run stops
@@ -230,6 +248,8 @@ class VAE(ReadyForInference, SteppedModule):
         steps_per_call: int = 1,
         posterior_scale_range: tuple[float, float] = (1e-6, 1e3),
         data_log_scale: float = 0.0,
+        condition_dim: int = 0,
+        predict_condition: int | None = None,
     ) -> None:
         super().__init__(steps_per_call)
         save_plain_hyperparameters(self)
@@ -238,10 +258,11 @@ class VAE(ReadyForInference, SteppedModule):
                 f"predict_samples={predict_samples}: a spread needs at least 2 samples (0 writes "
                 "the posterior means only)"
             )
-        if latent_dim < 1 or num_samples < 1 or eval_samples < 0:
+        if latent_dim < 1 or num_samples < 1 or eval_samples < 0 or condition_dim < 0:
             raise ConfigError(
-                "latent_dim and num_samples must be positive and eval_samples non-negative; got "
-                f"latent_dim={latent_dim}, num_samples={num_samples}, eval_samples={eval_samples}"
+                "latent_dim and num_samples must be positive and eval_samples and condition_dim "
+                f"non-negative; got latent_dim={latent_dim}, num_samples={num_samples}, "
+                f"eval_samples={eval_samples}, condition_dim={condition_dim}"
             )
         check_scale_range("posterior_scale_range", *posterior_scale_range)
         self.posterior_scale_range = tuple(posterior_scale_range)
@@ -251,15 +272,35 @@ class VAE(ReadyForInference, SteppedModule):
         self.likelihood.bind(self.input_shape)
         self.posterior = POSTERIORS.build(posterior)
         self.posterior.bind(PosteriorContext(latent_dim, self.posterior_scale_range))
-        self.encoder = build_net(encoder or "mlp", self.input_shape, (self.posterior.num_outputs,))
-        self.decoder = build_net(decoder or "mlp", (latent_dim,), self.likelihood.output_shape)
+        self.condition_dim = condition_dim
+        if predict_condition is not None and not 0 <= predict_condition < condition_dim:
+            raise ConfigError(
+                f"predict_condition={predict_condition} is not a class of this VAE's "
+                f"condition_dim={condition_dim} (0 .. {condition_dim - 1})"
+            )
+        self.predict_condition = predict_condition
+        self.encoder = build_net(
+            encoder or "mlp",
+            conditioned_shape(self.input_shape, condition_dim),
+            (self.posterior.num_outputs,),
+        )
+        self.decoder = build_net(
+            decoder or "mlp", (latent_dim + condition_dim,), self.likelihood.output_shape
+        )
         self.prior = PRIORS.build(prior)
         self.prior.bind(PriorContext(latent_dim, self.input_shape, self.encode))
         # each part on two examples, once the networks (the largest parts) fit in memory
         check_likelihood(self.likelihood)
         check_posterior(self.posterior, latent_dim)
-        check_net(self.encoder, "encoder", self.input_shape, self.posterior.num_outputs)
-        check_net(self.decoder, "decoder", (latent_dim,), self.likelihood.num_outputs)
+        check_net(
+            self.encoder,
+            "encoder",
+            conditioned_shape(self.input_shape, condition_dim),
+            self.posterior.num_outputs,
+        )
+        check_net(
+            self.decoder, "decoder", (latent_dim + condition_dim,), self.likelihood.num_outputs
+        )
         check_prior(self.prior, latent_dim)
         check_objective(estimator, beta, kl_warmup_steps, free_bits, dreg)
         if free_bits and self.prior.marginals() is None:
@@ -300,46 +341,86 @@ class VAE(ReadyForInference, SteppedModule):
         inference gives tensors that ``.numpy()`` takes (training runs in train mode)."""
         return torch.set_grad_enabled(self.training and torch.is_grad_enabled())
 
-    def encode(self, x: Tensor) -> Distribution:
-        """q(z | x), event shape ``(latent_dim,)``, from the registered posterior family."""
+    def checked_condition(self, condition: Tensor | np.ndarray | None) -> Tensor | None:
+        """``condition`` as a tensor on the model's device; refused where it does not fit."""
+        if (condition is None) != (self.condition_dim == 0):
+            raise ConfigError(
+                f"this VAE has condition_dim={self.condition_dim}: "
+                + ("pass a condition" if condition is None else "it takes no condition")
+            )
+        if condition is None:
+            return None
+        condition = self.as_input(condition)
+        if condition.shape[-1] != self.condition_dim:
+            raise ConfigError(
+                f"a condition has {self.condition_dim} numbers per example here; got shape "
+                f"{tuple(condition.shape)}"
+            )
+        return condition
+
+    def encoder_outputs(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        """The encoder's outputs for ``x`` (with its condition appended, if conditional)."""
+        condition = self.checked_condition(condition)
+        if condition is not None:
+            x = append_condition(x, condition, len(self.input_shape))
+        return self.encoder(x)
+
+    def encode(self, x: Tensor, condition: Tensor | None = None) -> Distribution:
+        """q(z | x), or q(z | x, c) for a conditional VAE, event shape ``(latent_dim,)``, from
+        the registered posterior family."""
         x = self.as_input(x)
         with self.gradients():
-            return self.posterior(self.encoder(x))
+            return self.posterior(self.encoder_outputs(x, condition))
 
-    def decode(self, z: Tensor) -> Distribution:
-        """p(x | z), batched over the leading dimensions of ``z`` (samples, examples)."""
+    def decode(
+        self, z: Tensor, size_factor: Tensor | None = None, condition: Tensor | None = None
+    ) -> Distribution:
+        """p(x | z) (p(x | z, c) with a ``condition``), batched over the leading dimensions of
+        ``z`` (samples, examples).
+
+        ``size_factor`` (one per example, broadcast against those dimensions) scales the mean
+        of a count likelihood with ``library_size: observed``: the library size to decode for.
+        """
         with self.gradients():
-            return self.likelihood(self.decoder_outputs(z))
+            return self.likelihood.decoded(self.decoder_outputs(z, condition), size_factor)
 
-    def decoder_outputs(self, z: Tensor) -> Tensor:
-        """The decoder's outputs for ``z``, whose leading dimensions it sees as one batch."""
-        outputs = at_least_float32(self.decoder(z.reshape(-1, self.latent_dim)))
+    def decoder_outputs(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        """The decoder's outputs for ``z``, whose leading dimensions it sees as one batch; a
+        ``condition`` ``(N, condition_dim)`` broadcasts against them."""
+        condition = self.checked_condition(condition)
+        if condition is not None:
+            z = append_condition(z, condition.expand(*z.shape[:-1], -1), 1)
+        outputs = at_least_float32(self.decoder(z.reshape(-1, z.shape[-1])))
         shape = (*z.shape[:-1], self.likelihood.num_outputs)
         return outputs if outputs.shape == shape else outputs.reshape(shape)
 
     def elbo_terms(
-        self, x: Tensor, num_samples: int = 1, estimator: Estimator = "analytic_kl"
+        self,
+        x: Tensor,
+        num_samples: int = 1,
+        estimator: Estimator = "analytic_kl",
+        condition: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(ELBO, reconstruction term, KL) per example, each of shape ``(N,)``.
 
         With ``monte_carlo`` the KL is the sample mean of log q(z|x) - log p(z) over the same z
         as the reconstruction term; with ``analytic_kl`` it is closed-form where registered.
         """
-        posterior, z, reconstruction = self.reconstruction_term(x, num_samples)
+        posterior, z, reconstruction = self.reconstruction_term(x, num_samples, condition)
         kl = self.kl(posterior, z, estimator)
         return reconstruction - kl, reconstruction, kl
 
     def reconstruction_term(
-        self, x: Tensor, num_samples: int = 1
+        self, x: Tensor, num_samples: int = 1, condition: Tensor | None = None
     ) -> tuple[Distribution, Tensor, Tensor]:
         """q(z|x), reparameterised samples z from it, and the mean over them of log p(x|z),
         ``(N,)``."""
         x = self.as_input(x)
-        posterior = self.encode(x)
+        posterior = self.encode(x, condition)
         # One sample needs no sample dimension, nor a mean over it (a few percent of a small
         # model's step on the CPU).
         z = posterior.rsample((num_samples,) if num_samples > 1 else ())
-        log_px = self.likelihood.log_prob(self.decoder_outputs(z), x)
+        log_px = self.likelihood.log_prob(self.decoder_outputs(z, condition), x)
         return posterior, z, mean_over_samples(log_px, posterior)
 
     def kl(
@@ -358,7 +439,13 @@ class VAE(ReadyForInference, SteppedModule):
         marginals = self.posterior.marginals(posterior)
         return kl_estimator(estimator)(marginals, self.prior.marginals(), z)
 
-    def elbo(self, x: Tensor, num_samples: int = 1, estimator: Estimator = "analytic_kl") -> Tensor:
+    def elbo(
+        self,
+        x: Tensor,
+        num_samples: int = 1,
+        estimator: Estimator = "analytic_kl",
+        condition: Tensor | None = None,
+    ) -> Tensor:
         """The evidence lower bound per example, ``(N,)``, by either unbiased estimator.
 
         ``analytic_kl`` (the default) takes the KL in closed form where one is registered;
@@ -372,10 +459,15 @@ class VAE(ReadyForInference, SteppedModule):
         x = self.as_input(x)
         self.likelihood.check_support(x)
         with self.gradients():
-            return self.elbo_terms(x, num_samples, estimator)[0]
+            return self.elbo_terms(x, num_samples, estimator, condition)[0]
 
     def log_importance_weights(
-        self, x: Tensor, num_samples: int, reparameterized: bool = False, dreg: bool = False
+        self,
+        x: Tensor,
+        num_samples: int,
+        reparameterized: bool = False,
+        dreg: bool = False,
+        condition: Tensor | None = None,
     ) -> Tensor:
         """log p(x, z_k) - log q(z_k | x) for K samples z_k ~ q(z|x): shape ``(K, N)``.
 
@@ -386,27 +478,34 @@ class VAE(ReadyForInference, SteppedModule):
         sum_k w_k^2 d log w_k / dz_k dz_k / dphi. The values are unchanged.
         """
         x = self.as_input(x)
-        outputs = self.encoder(x)
+        outputs = self.encoder_outputs(x, condition)
         posterior = self.posterior(outputs)
         shape = (num_samples,)
         z = posterior.rsample(shape) if reparameterized or dreg else posterior.sample(shape)
         # a copy of q with every parameter (the encoder's outputs, a flow's weights) detached
         proposal = self.posterior(outputs, detach=True) if dreg else posterior
-        log_weights = self.log_weights(x, z, proposal)
+        log_weights = self.log_weights(x, z, proposal, condition)
         if dreg and z.requires_grad:
             normalised = log_weights.detach().softmax(0).unsqueeze(-1)
             z.register_hook(lambda grad: grad * normalised)
         return log_weights
 
-    def log_weights(self, x: Tensor, z: Tensor, posterior: Distribution) -> Tensor:
+    def log_weights(
+        self, x: Tensor, z: Tensor, posterior: Distribution, condition: Tensor | None = None
+    ) -> Tensor:
         """log p(x | z) + log p(z) - log q(z | x) for samples ``z`` ``(K, N, latent_dim)``."""
-        log_px = self.likelihood.log_prob(self.decoder_outputs(z), x)
+        log_px = self.likelihood.log_prob(self.decoder_outputs(z, condition), x)
         return log_px + self.prior().log_prob(z) - posterior.log_prob(z)
 
     def log_likelihood(
-        self, x: Tensor, num_samples: int = 1000, chunk_size: int | None = None
+        self,
+        x: Tensor,
+        num_samples: int = 1000,
+        chunk_size: int | None = None,
+        condition: Tensor | None = None,
     ) -> Tensor:
-        """Importance-weighted estimate of log p(x) per example, ``(N,)``.
+        """Importance-weighted estimate of log p(x) (log p(x | c) with a ``condition``) per
+        example, ``(N,)``.
 
         ``log mean_k exp(log w_k)`` over K = ``num_samples`` samples. x is encoded once; the
         samples go through the decoder ``chunk_size`` at a time for all examples at once (by
@@ -419,30 +518,56 @@ class VAE(ReadyForInference, SteppedModule):
         if chunk_size is None:
             chunk_size = samples_per_chunk(len(x), self.likelihood.num_outputs, x.device)
         with torch.no_grad():
-            posterior = self.encode(x)
+            posterior = self.encode(x, condition)
             total = None
             for start in range(0, num_samples, chunk_size):
                 z = posterior.sample((min(chunk_size, num_samples - start),))
-                chunk = self.log_weights(x, z, posterior).logsumexp(0)
+                chunk = self.log_weights(x, z, posterior, condition).logsumexp(0)
                 total = chunk if total is None else torch.logaddexp(total, chunk)
         return total - math.log(num_samples)
 
-    def sample(self, n: int, mean: bool = False) -> Tensor:
-        """``n`` draws x ~ p(x|z) p(z), shape ``(n, *input_shape)``; ``mean`` gives E[x|z]."""
+    def sample(
+        self,
+        n: int,
+        mean: bool = False,
+        size_factor: Tensor | float | None = None,
+        condition: Tensor | np.ndarray | None = None,
+    ) -> Tensor:
+        """``n`` draws x ~ p(x|z) p(z), shape ``(n, *input_shape)``; ``mean`` gives E[x|z].
+
+        ``size_factor`` (a number or ``n`` of them) is the library size of count likelihoods
+        with ``library_size: observed`` (see :meth:`decode`). A conditional VAE draws from
+        p(x | z, c) for its ``condition``: one row ``(condition_dim,)`` for every draw or ``n``
+        rows; without one it cycles through the one-hot conditions (class 0, 1, ..., K - 1, 0,
+        ...), the draws of a class every K-th row.
+        """
         with torch.no_grad():
             z = self.prior().sample((n,))
-            likelihood = self.decode(z)
+            if size_factor is not None:
+                size_factor = torch.as_tensor(size_factor, dtype=z.dtype, device=z.device)
+                size_factor = size_factor.expand(n)
+            if self.condition_dim:
+                condition = self.sample_conditions(n, condition)
+            likelihood = self.decode(z, size_factor, condition)
             return likelihood.mean if mean else likelihood.sample()
+
+    def sample_conditions(self, n: int, condition: Tensor | np.ndarray | None) -> Tensor:
+        """``n`` condition rows: ``condition`` broadcast, or the one-hot classes in turn."""
+        if condition is None:
+            classes = torch.arange(n, device=self.device) % self.condition_dim
+            return F.one_hot(classes, self.condition_dim).to(self.dtype)
+        return self.checked_condition(condition).expand(n, -1)
 
     # -- training -----------------------------------------------------------------------------
 
-    def objective(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss to minimise and the per-batch means of what gets logged."""
+        x, condition = split_batch(batch)
         if self.estimator == "importance_weighted":
-            weights = self.log_importance_weights(x, self.num_samples, True, self.dreg)
+            weights = self.log_importance_weights(x, self.num_samples, True, self.dreg, condition)
             bound = (weights.logsumexp(0) - math.log(self.num_samples)).mean()
             return -bound, {"iw_bound": bound}
-        posterior, z, reconstruction = self.reconstruction_term(x, self.num_samples)
+        posterior, z, reconstruction = self.reconstruction_term(x, self.num_samples, condition)
         reconstruction = reconstruction.mean()
         if self.free_bits:
             kl_dims = self.kl_per_dimension(posterior, z, self.estimator).mean(0)
@@ -469,7 +594,7 @@ class VAE(ReadyForInference, SteppedModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val)
 
     @override
-    def train_on_batch(self, batch: Tensor) -> None:
+    def train_on_batch(self, batch: Batch) -> None:
         """A step on the whole model, or, alternating, an E-step that moves the encoder with
         the rest fixed and then an M-step that moves the rest with the encoder fixed."""
         optimizers = as_list(self.optimizers())
@@ -483,31 +608,37 @@ class VAE(ReadyForInference, SteppedModule):
             if len(optimizers) > 1:
                 self.untoggle_optimizer(optimizer)
             if phase == 0:
-                self._means["train"].update(metrics, len(batch))
+                self._means["train"].update(metrics, len(split_batch(batch)[0]))
 
     @override
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate("val", batch)
 
     @override
-    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate("test", batch)
 
     @override
-    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor | dict[str, Tensor]:
+    def predict_step(self, batch: Batch, batch_idx: int) -> Tensor | dict[str, Tensor]:
         """The posterior means E[z|x] (the codes the decoder gets at test time; a flow's is the
-        mean of :data:`~vaeflow.posteriors.MEAN_SAMPLES` samples) and, with ``predict_samples``,
-        the spread of posterior samples and of their reconstructions."""
-        posterior = self.encode(batch)
-        if not self.predict_samples:
+        mean of :data:`~vaeflow.posteriors.MEAN_SAMPLES` samples); with ``predict_samples``,
+        the spread of posterior samples and of their reconstructions; with
+        ``predict_condition``, ``counterfactuals``: E[x | z, c] for the codes of the examples'
+        own conditions decoded under the chosen one (batch correction's "as if from batch b")."""
+        x, condition = split_batch(batch)
+        posterior = self.encode(x, condition)
+        if not self.predict_samples and self.predict_condition is None:
             return posterior.mean
-        z = posterior.sample((self.predict_samples,))
-        reconstructions = self.decode(z).mean
-        return {
-            "latents": posterior.mean,
-            "latent_spread": z.std(0),
-            "reconstruction_spread": reconstructions.std(0),
-        }
+        predictions = {"latents": posterior.mean}
+        if self.predict_condition is not None:
+            chosen = F.one_hot(torch.tensor([self.predict_condition]), self.condition_dim)
+            predictions["counterfactuals"] = self.decode(posterior.mean, None, chosen).mean
+        if self.predict_samples:
+            z = posterior.sample((self.predict_samples,))
+            reconstructions = self.decode(z, None, condition).mean
+            predictions["latent_spread"] = z.std(0)
+            predictions["reconstruction_spread"] = reconstructions.std(0)
+        return predictions
 
     def prediction_extras(self) -> dict[str, Tensor]:
         """Beside the codes in ``latents.pt``: for a family without a closed-form mean (a
@@ -515,13 +646,15 @@ class VAE(ReadyForInference, SteppedModule):
         samples = self.posterior.mean_samples
         return {"latent_mean_samples": torch.tensor(samples)} if samples else {}
 
-    def _evaluate(self, stage: str, x: Tensor) -> None:
+    def _evaluate(self, stage: str, batch: Batch) -> None:
         """The ELBO's two terms and the importance-weighted log-likelihood; at test also the
         moments of the posterior means (for the active units) and the KL of each dimension."""
-        posterior, z, reconstruction = self.reconstruction_term(x, self.num_samples)
+        x, condition = split_batch(batch)
+        posterior, z, reconstruction = self.reconstruction_term(x, self.num_samples, condition)
         metrics = {"reconstruction": reconstruction.mean(), "kl": self.kl(posterior, z).mean()}
         if self.eval_samples:
-            metrics["log_likelihood"] = self.log_likelihood(x, self.eval_samples).mean()
+            log_px = self.log_likelihood(x, self.eval_samples, condition=condition)
+            metrics["log_likelihood"] = log_px.mean()
         if stage == "test":
             codes = posterior.mean
             metrics |= per_dimension("code_mean", codes.mean(0))
@@ -641,6 +774,13 @@ class VAE(ReadyForInference, SteppedModule):
         if self.eval_samples and split in splits and len(splits[split]):
             check_evaluation_time(self, splits[split], split, MAX_EVALUATION_SECONDS[stage])
         self._image_geometry = image_geometry(datamodule, self.input_shape)
+        given = getattr(datamodule, "condition_dim", 0)
+        if given != self.condition_dim:
+            raise ConfigError(
+                f"the data give a condition of {given} numbers per example (data option "
+                f"condition) and the VAE has condition_dim={self.condition_dim}: set "
+                f"model condition_dim: {given}"
+            )
         super().setup(stage)
 
     @override

@@ -82,9 +82,28 @@ class Likelihood(nn.Module):
         shaped = outputs.unflatten(-1, (self.num_params, *self.event_shape))
         return shaped.movedim(-1 - len(self.event_shape), -1)
 
-    def forward(self, outputs: Tensor) -> Distribution:
-        """``outputs`` of shape ``(*batch, num_outputs)`` -> distribution with that batch shape."""
+    def forward(self, outputs: Tensor, size_factor: Tensor | None = None) -> Distribution:
+        """``outputs`` of shape ``(*batch, num_outputs)`` -> distribution with that batch shape.
+
+        ``size_factor`` ``(*batch,)`` scales the mean of families that take one (count families
+        with ``library_size: observed``); the others refuse it.
+        """
+        if size_factor is not None:
+            raise ConfigError(
+                f"the {getattr(self, 'registered_name', type(self).__name__)!r} likelihood takes "
+                "no size factor: only count families with library_size: observed do"
+            )
         return Independent(self.distribution(self.params(outputs)), len(self.event_shape))
+
+    def decoded(self, outputs: Tensor, size_factor: Tensor | None = None) -> Distribution:
+        """``self(outputs, size_factor)``, the size factor passed only when there is one: a
+        plugin family written before size factors existed defines ``forward(outputs)``."""
+        return self(outputs) if size_factor is None else self(outputs, size_factor)
+
+    def size_factor(self, x: Tensor) -> Tensor | None:
+        """The observed size factor of each example of ``x`` that scales the decoded mean
+        (a count's library size), or None for a family that takes none (the default)."""
+        return None
 
     def distribution(self, params: Tensor) -> Distribution:
         """The element-wise distribution for ``params`` of shape ``(*data_shape, num_params)``."""
@@ -94,12 +113,12 @@ class Likelihood(nn.Module):
         """log p(x | outputs) per example, shape ``outputs.shape[:-1]``; ``x`` (one example per
         row) broadcasts against the leading dimensions of ``outputs`` (samples, examples).
 
-        The same number as ``self(outputs).log_prob(x)``, which is the default. Families with a
-        closed form override it to skip building the distribution: it runs in every training
-        step, where building two distribution objects costs a few percent of a small model's
-        step on the CPU.
+        The same number as ``self.decoded(outputs, self.size_factor(x)).log_prob(x)``, the
+        default. Families with a closed form override it to skip building the distribution: it
+        runs in every training step, where building two distribution objects costs a few
+        percent of a small model's step on the CPU.
         """
-        return self(outputs).log_prob(x)
+        return self.decoded(outputs, self.size_factor(x)).log_prob(x)
 
     def flat(self, x: Tensor) -> Tensor:
         """``x`` with each example's elements in one last dimension, as the decoder outputs them."""
@@ -510,3 +529,14 @@ class DiscretizedLogisticLikelihood(Likelihood):
         return DiscretizedLogisticMixture(
             logits, loc, log_scale.clamp(self.min_log_scale, self.max_log_scale)
         )
+
+
+# The families of other kinds of data, in modules of their own (imported last: they build on the
+# base above), registered on import and exported here beside the pixel and continuous ones.
+from vaeflow.likelihoods.bounded import BetaLikelihood  # noqa: E402, F401
+from vaeflow.likelihoods.counts import (  # noqa: E402, F401
+    NegativeBinomialLikelihood,
+    PoissonLikelihood,
+    ZeroInflatedNegativeBinomial,
+    ZeroInflatedNegativeBinomialLikelihood,
+)
