@@ -24,7 +24,7 @@ from vaeflow.analysis.rotation import ROTATIONS, Rotation, rotate
 from vaeflow.callbacks import prediction_callbacks
 from vaeflow.callbacks.factor_report import FactorReport
 from vaeflow.errors import ConfigError, DataError
-from vaeflow.metrics import EpochMeans, bits_per_dim
+from vaeflow.metrics import EpochMeans, bits_per_dim, em_progress
 from vaeflow.models.fa_fit import Fitter, MomentsFitter, StreamingFitter
 from vaeflow.models.fa_math import (
     Iterate,
@@ -331,6 +331,10 @@ class FactorAnalysis(ReadyForInference):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resume = checkpoint.get(CHECKPOINT_KEY)
         self.fit_statistics = checkpoint.get(STATISTICS_KEY)
+
+    def progress(self) -> dict[str, float]:
+        """The EM iteration and its log-likelihood, for the progress bar."""
+        return em_progress(int(self.n_iter), self.history)
 
     def record(self, iterate: Iterate) -> None:
         """One row per EM iteration: log-likelihood, ELBO and bits/dim at the iterate."""
