@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
 
+@event_priority(100)  # before mkdocs-jupyter, which makes notebook files pages
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     root = Path(config.config_file_path).parent
     for notebook in sorted((root / "notebooks").glob("*.ipynb")):
