@@ -48,8 +48,9 @@ FILE_NAME = re.compile(r"#\s*([\w./-]+\.(py|yaml|toml|csv))\s*$")
 INSTALL = re.compile(r"python3 -m venv \.venv && \.venv/bin/pip install -e \S+ && ")
 #: Most blocks that may be marked as not run (multi-machine launchers, GPUs, installs).
 MAX_NOT_RUN = 8
-#: Pages whose examples train on MNIST or start several processes: slow (pytest -m slow).
-SLOW_PAGES = ("scale.md",)
+#: Pages whose examples run by default; the others' (many vaeflow runs, MNIST, several
+#: processes: about 15 minutes on two loaded cores) run with ``pytest -m slow``, as .ci/run does.
+FAST_PAGES = ("README.md", "getting-started.md", "plugins.md", "fa-data-analysis.md")
 #: A bash function in front of every shell block (see the module's docstring).
 WRAPPER = f"""
 vaeflow() {{
@@ -76,6 +77,11 @@ class Block:
     @property
     def first_line(self) -> str:
         return self.code.split("\n", 1)[0]
+
+    @property
+    def not_run(self) -> re.Match[str] | None:
+        """The annotation, on the first line (after a script's ``#!`` line)."""
+        return NOT_RUN.match(self.code.removeprefix("#!/bin/bash\n"))
 
     def __str__(self) -> str:
         return f"{self.page.relative_to(REPO)}:{self.line} ({self.language})"
@@ -168,7 +174,7 @@ def page_params() -> list[pytest.param]:
         pytest.param(
             page,
             id=str(page.relative_to(REPO)),
-            marks=[pytest.mark.slow] if page.name in SLOW_PAGES else [],
+            marks=[] if page.name in FAST_PAGES else [pytest.mark.slow],
         )
         for page in PAGES
         if any(block.language != "text" for block in blocks(page))
@@ -179,7 +185,7 @@ def page_params() -> list[pytest.param]:
 def test_every_code_block_runs_as_printed(page: Path, tmp_path: Path) -> None:
     cwd = workdir(tmp_path)
     for block in blocks(page):
-        if block.language == "text" or NOT_RUN.match(block.first_line):
+        if block.language == "text" or block.not_run:
             continue
         execute(block, cwd)
 
@@ -190,7 +196,7 @@ def test_every_block_is_code_or_output_and_few_are_not_run() -> None:
     everything = all_blocks()
     known = {"bash", "python", "yaml", "toml", "text"}
     assert not [str(b) for b in everything if b.language not in known]
-    not_run = [(str(b), NOT_RUN.match(b.first_line)) for b in everything]
+    not_run = [(str(b), b.not_run) for b in everything]
     reasons = {where: match.group(1) for where, match in not_run if match}
     assert all(len(reason) >= 20 for reason in reasons.values()), reasons
     assert len(reasons) <= MAX_NOT_RUN, reasons
