@@ -87,43 +87,13 @@ def test_the_progress_bar_shows_the_training_objective(tmp_path: Path) -> None:
     """The VAE's running ELBO beside the step count; factor analysis's EM iteration and
     log-likelihood (tqdm redraws its line with carriage returns; Lightning sends it to
     standard output)."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vaeflow",
-            "fit",
-            "--config",
-            QUICKSTART,
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.enable_checkpointing",
-            "false",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert re.search(r"Epoch 0: 100%.*elbo=-\d+\.\d", result.stdout)
+    no_checkpoints = ["--trainer.enable_checkpointing", "false"]
+    quickstart = ["fit", "--config", QUICKSTART, "--trainer.max_epochs", "1", *no_checkpoints]
+    _, stdout = printed_lines(quickstart, tmp_path)
+    assert re.search(r"Epoch 0: 100%.*elbo=-\d+\.\d", "\n".join(stdout))
     fa = str(REPO / "configs" / "ppca_digits.yaml")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vaeflow",
-            "fit",
-            "--config",
-            fa,
-            "--trainer.enable_checkpointing",
-            "false",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert re.search(r"EM iteration=\d+, log_likelihood=\d+\.\d+", result.stdout)
+    _, stdout = printed_lines(["fit", "--config", fa, *no_checkpoints], tmp_path)
+    assert re.search(r"EM iteration=\d+, log_likelihood=\d+\.\d+", "\n".join(stdout))
 
 
 def vaeflow(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
