@@ -4,7 +4,6 @@ with scikit-learn and the closed-form PPCA solution, DDP, checkpoints and the CL
 from __future__ import annotations
 
 import csv
-import functools
 import gzip
 import math
 from collections.abc import Callable
@@ -44,23 +43,14 @@ REPO = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: a second BLAS or OpenMP thread only adds synchronisation, which
-    costs seconds per fit when other processes keep the cores busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):  # OpenBLAS, behind SciPy and scikit-learn
-        yield
-    torch.set_num_threads(threads)
+#: These matrices are tiny: one thread (conftest's ``one_thread``).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def trainer(silent_trainer) -> Callable[..., Trainer]:
-    """Quiet trainers that run EM to its own stopping rule, without validation."""
-    return functools.partial(
-        silent_trainer, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0
-    )
+def trainer(em_trainer) -> Callable[..., Trainer]:
+    """Quiet trainers that run EM to its own stopping rule (conftest's ``em_trainer``)."""
+    return em_trainer
 
 
 def fitted(

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vaeflow.cli import main
+from vaeflow.data import ArrayDataModule
+from vaeflow.models import FactorAnalysis
 
 NAMES = ["vocab", "reading", "grammar", "algebra", "geometry", "calculus"]
 
@@ -55,3 +58,16 @@ def test_fit_and_test_of_a_named_csv_with_an_oblique_rotation(
     main(["test", "--config", "fa.yaml", "--ckpt_path", "last", *quiet])
     table = capsys.readouterr().out
     assert "fit/chi_square" in table and "fit/rmsea" in table and "test/log_likelihood" in table
+    # vaeflow predict: the factor scores of the test rows, by row number in the file
+    main(["predict", "--config", "fa.yaml", "--ckpt_path", "last", *quiet])
+    capsys.readouterr()
+    rows = list(csv.reader(next(Path("runs").rglob("scores.csv")).open()))
+    assert rows[0] == ["row", "F1", "F2"]
+    data = ArrayDataModule("scores.csv", val_fraction=0.0, test_fraction=0.2)
+    data.setup()
+    assert [int(row[0]) for row in rows[1:]] == data.indices["test"].tolist()
+    model = FactorAnalysis.load_from_checkpoint(next(Path("runs").rglob("last.ckpt")))
+    expected = model.factor_scores(data.splits["test"])  # regression, oblimin
+    written = torch.tensor([[float(v) for v in row[1:]] for row in rows[1:]], dtype=torch.float64)
+    torch.testing.assert_close(written, expected, rtol=1e-9, atol=1e-9)
+    assert written.mean(0).abs().max() < 0.3  # scores of standardised factors

@@ -36,7 +36,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
         (
             "fa_synthetic.yaml",
             FactorAnalysis,
-            lambda model, x: dict(zip(("latents", "covariance"), model.posterior(x), strict=True)),
+            lambda model, x: dict(
+                zip(("latents", "covariance"), model.posterior(x), strict=True),
+                scores=model.factor_scores(x),
+            ),
             [],
         ),
     ],

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import multivariate_normal
 from sklearn.decomposition import FactorAnalysis as SklearnFA
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
@@ -25,7 +26,13 @@ def factor_data(n: int = 1500, dim: int = 10, latent: int = 3, seed: int = 0) ->
     return x * np.geomspace(0.01, 100, dim) + 5
 
 
-@parametrize_with_checks([FactorAnalysis(), FactorAnalysis(rotation="oblimin", scores="ten_berge")])
+@parametrize_with_checks(
+    [
+        FactorAnalysis(),
+        FactorAnalysis(rotation="oblimin", scores="ten_berge"),
+        FactorAnalysis(missing="fiml"),
+    ]
+)
 def test_scikit_learn_estimator_checks(estimator, check) -> None:
     """Every check of scikit-learn's ``check_estimator`` (check_array_api_input skips itself
     unless SCIPY_ARRAY_API is set)."""
@@ -95,11 +102,42 @@ def test_missing_values_are_refused_with_the_alternative_or_dropped() -> None:
     x = factor_data(n=400, dim=6, latent=2)
     holed = x.copy()
     holed[::10, 2] = np.nan
-    with pytest.raises(ValueError, match="NaN in 40 of 400 rows: set missing='complete_cases'"):
+    with pytest.raises(
+        ValueError, match=r"NaN in 40 of 400 rows: set missing='fiml' .* missing='complete_cases'"
+    ):
         FactorAnalysis(2).fit(holed)
     dropped = FactorAnalysis(2, missing="complete_cases").fit(holed)
     complete = FactorAnalysis(2).fit(holed[~np.isnan(holed).any(axis=1)])
     np.testing.assert_allclose(dropped.get_covariance(), complete.get_covariance(), rtol=1e-12)
+
+
+def test_fiml_in_a_pipeline_scores_the_observed_values() -> None:
+    """missing='fiml' behind a StandardScaler (which passes NaN through): every row is fitted,
+    score_samples of a row with NaN is its observed-data log-likelihood (the dense marginal),
+    and without NaN the fit is the complete-data one."""
+    x = factor_data(n=600, dim=6, latent=2)
+    holed = x.copy()
+    holed[np.random.default_rng(1).random(x.shape) < 0.2] = np.nan
+    pipeline = make_pipeline(StandardScaler(), FactorAnalysis(2, missing="fiml", tol=1e-9))
+    pipeline.fit(holed)
+    scaled = pipeline[0].transform(holed)
+    estimator = pipeline[-1]
+    assert estimator.fit_statistics_ is None
+    assert estimator.log_likelihood_ == pytest.approx(pipeline.score_samples(holed).mean())
+    row = scaled[np.isnan(scaled).any(axis=1)][0]
+    seen = ~np.isnan(row)
+    cov = estimator.get_covariance()[np.ix_(seen, seen)]
+    dense = multivariate_normal(estimator.mean_[seen], cov).logpdf(row[seen])
+    assert estimator.score_samples(row[None])[0] == pytest.approx(dense, abs=1e-10)
+    # regression scores of the observed values; of a complete row, the complete-data ones
+    scores = pipeline.transform(holed)
+    assert np.isfinite(scores).all()
+    full = ~np.isnan(holed).any(axis=1)
+    np.testing.assert_allclose(scores[full], estimator.transform(scaled[full]), atol=1e-10)
+    with pytest.raises(ValueError, match="bartlett scores need every value"):
+        estimator.transform(scaled, method="bartlett")
+    complete = FactorAnalysis(2, missing="fiml", tol=1e-9).fit(x)
+    assert complete.score(x) == pytest.approx(FactorAnalysis(2, tol=1e-9).fit(x).score(x), abs=1e-6)
 
 
 def test_fit_statistics_of_a_true_model_do_not_reject_it() -> None:

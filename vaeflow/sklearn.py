@@ -28,6 +28,7 @@ from vaeflow.analysis import (
 )
 from vaeflow.analysis.scores import factor_scores
 from vaeflow.models import FactorAnalysis as EMFactorAnalysis
+from vaeflow.models.fa_missing import observed_regression_scores
 
 F64 = torch.float64
 
@@ -58,8 +59,10 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
             or None. The likelihood does not change under rotation.
         scores: the default method of :meth:`transform`: ``regression`` (Thurstone),
             ``bartlett`` or ``ten_berge``.
-        missing: what to do with rows holding NaN: ``refuse`` (an error that names the
-            alternative) or ``complete_cases`` (drop them).
+        missing: what NaN means: ``refuse`` (an error that names the alternatives), ``fiml``
+            (a missing value: full-information maximum likelihood, EM on each row's observed
+            values, :mod:`vaeflow.models.fa_missing`) or ``complete_cases`` (rows with a NaN
+            are dropped).
         noise: ``diagonal`` (factor analysis) or ``isotropic`` (probabilistic PCA).
         tol: EM stops when the log-likelihood is estimated to be within this many nats per
             example of its limit (:class:`vaeflow.models.stopping.StoppingRule`).
@@ -78,7 +81,10 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         uniquenesses_: 1 - communalities_ (D).
         rotation_matrix_: T, with pattern = A T^(-T) and Phi = T^T T for the unrotated A.
         fit_statistics_: chi-square with Bartlett's correction, RMSEA, TLI, BIC, SRMR and the
-            log-likelihood (:class:`vaeflow.analysis.FitStatistics`).
+            log-likelihood (:class:`vaeflow.analysis.FitStatistics`); None for ``fiml`` fits
+            of data with missing values, whose chi-square needs the saturated model's FIML fit.
+        log_likelihood_: the fit's mean log-likelihood per row (nats), of the observed values
+            for ``fiml``.
         n_iter_: EM iterations taken; ``stop_reason_``: why EM stopped.
         n_features_in_, feature_names_in_: as scikit-learn sets them.
     """
@@ -89,7 +95,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         *,
         rotation: str | None = None,
         scores: Literal["regression", "bartlett", "ten_berge"] = "regression",
-        missing: Literal["refuse", "complete_cases"] = "refuse",
+        missing: Literal["refuse", "fiml", "complete_cases"] = "refuse",
         noise: Literal["diagonal", "isotropic"] = "diagonal",
         tol: float = 1e-6,
         max_iter: int = 1000,
@@ -126,6 +132,7 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
             noise=self.noise,
             tol=self.tol,
             max_iter=self.max_iter,
+            missing="fiml" if self.missing == "fiml" else "refuse",
             seed=self.random_state,
         )
         data = torch.utils.data.DataLoader(torch.from_numpy(x), batch_size=num_obs)
@@ -147,16 +154,22 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
 
     def _rows(self, x: np.ndarray) -> np.ndarray:
         """The rows to fit or score, after the ``missing`` policy."""
-        if self.missing not in ("refuse", "complete_cases"):
-            raise ValueError(f"missing must be 'refuse' or 'complete_cases', got {self.missing!r}")
+        if self.missing not in ("refuse", "fiml", "complete_cases"):
+            raise ValueError(
+                f"missing must be 'refuse', 'fiml' or 'complete_cases', got {self.missing!r}"
+            )
         if np.isinf(x).any():
             raise ValueError("Input X contains infinity: factor analysis needs finite values")
         incomplete = np.isnan(x).any(axis=1)
-        if incomplete.any():
+        if self.missing == "fiml" and np.isnan(x).all(axis=0).any():
+            raise ValueError("Input X has a feature without any value: drop it")
+        if incomplete.any() and self.missing != "fiml":
             if self.missing == "refuse":
                 raise ValueError(
                     f"Input X contains NaN in {int(incomplete.sum())} of {len(x)} rows: set "
-                    "missing='complete_cases' to fit the complete rows only, or impute them"
+                    "missing='fiml' to fit every observed value (full-information maximum "
+                    "likelihood), missing='complete_cases' to fit the complete rows only, or "
+                    "impute them"
                 )
             x = x[~incomplete]
             if len(x) == 0:
@@ -174,8 +187,6 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         else:
             pattern, phi, rotation = rotate(unrotated, self.rotation)
         summary = summarize(pattern, psi, phi)
-        centred = x - model.mean.detach()
-        cov = centred.T @ centred / num_obs
         self.components_ = pattern.T.numpy()
         self.noise_variance_ = psi.numpy()
         self.mean_ = model.mean.detach().numpy()
@@ -184,30 +195,51 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         self.communalities_ = summary.communalities.numpy()
         self.uniquenesses_ = summary.uniquenesses.numpy()
         self.rotation_matrix_ = rotation.numpy()
-        self.fit_statistics_: FitStatistics = fit_statistics(cov, unrotated, psi, num_obs)
+        self.log_likelihood_ = model.log_likelihood(x).mean().item()
+        self.fit_statistics_: FitStatistics | None = None
+        if not torch.isnan(x).any():
+            centred = x - model.mean.detach()
+            cov = centred.T @ centred / num_obs
+            self.fit_statistics_ = fit_statistics(cov, unrotated, psi, num_obs)
         self.n_iter_ = int(model.n_iter)
         self.stop_reason_ = model.stop_reason
 
-    def _checked(self, X: Any) -> Tensor:
+    def _checked(self, X: Any, allow_nan: bool = False) -> Tensor:
         check_is_fitted(self)
-        x = validate_data(self, X, dtype=np.float64, reset=False, ensure_all_finite=True)
+        finite = "allow-nan" if allow_nan and self.missing == "fiml" else True
+        x = validate_data(self, X, dtype=np.float64, reset=False, ensure_all_finite=finite)
         return torch.from_numpy(x if x.flags.writeable else x.copy())
 
     def transform(self, X: Any, method: str | None = None) -> np.ndarray:
-        """Factor scores (N x M) of X by ``method`` (default: ``scores``)."""
-        x = self._checked(X)
+        """Factor scores (N x M) of X by ``method`` (default: ``scores``). With
+        ``missing='fiml'``, X may hold NaN: regression scores are then E[f | observed values]
+        (the other methods have no missing-value form and refuse NaN)."""
+        x = self._checked(X, allow_nan=True)
+        method = method or self.scores
+        if torch.isnan(x).any():
+            if method != "regression":
+                raise ValueError(
+                    f"Input X contains NaN: {method} scores need every value; regression "
+                    "scores (method='regression') take each row's observed values"
+                )
+            model = self._model
+            parameters = (model.loadings, model.noise_variance, model.mean)
+            return observed_regression_scores(
+                x, *(p.detach() for p in parameters), torch.from_numpy(self.rotation_matrix_)
+            ).numpy()
         return factor_scores(
             x,
             torch.from_numpy(self.mean_),
             torch.from_numpy(self.components_.T),
             torch.from_numpy(self.noise_variance_),
-            method or self.scores,
+            method,
             torch.from_numpy(self.phi_),
         ).numpy()
 
     def score_samples(self, X: Any) -> np.ndarray:
-        """The exact log-likelihood of each row of X (nats)."""
-        return self._model.log_likelihood(self._checked(X)).numpy()
+        """The exact log-likelihood of each row of X (nats); with ``missing='fiml'``, of each
+        row's observed values (NaN: missing)."""
+        return self._model.log_likelihood(self._checked(X, allow_nan=True)).numpy()
 
     def score(self, X: Any, y: Any = None) -> float:
         """The mean log-likelihood per row of X (nats): higher is better, for model selection."""
@@ -225,5 +257,5 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = self.missing == "complete_cases"
+        tags.input_tags.allow_nan = self.missing in ("fiml", "complete_cases")
         return tags

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
 from typing_extensions import override
 
 from vaeflow.analysis.summary import LoadingSummary, summarize
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
 
 LOADINGS_FILE = "loadings.csv"
 SUMMARY_FILE = "summary.txt"
+SCORES_FILE = "scores.csv"
 
 
 def feature_names(trainer: Trainer, dim: int) -> list[str]:
@@ -27,6 +30,21 @@ def feature_names(trainer: Trainer, dim: int) -> list[str]:
         if names is not None and len(names) == dim
         else [f"x{d + 1}" for d in range(dim)]
     )
+
+
+def write_scores(trainer: Trainer, path: Path, scores: Tensor) -> None:
+    """Factor scores as a CSV table: one row per example of the prediction data, first its row
+    number in the file it came from (the data module's ``indices``, when it has them), then
+    F1..FM as in ``loadings.csv``."""
+    indices = getattr(trainer.datamodule, "indices", {}).get("test")
+    rows = indices.tolist() if indices is not None and len(indices) == len(scores) else None
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        factors = [f"F{j + 1}" for j in range(scores.shape[1])]
+        writer.writerow(["row", *factors] if rows is not None else factors)
+        for index, values in enumerate(scores.tolist()):
+            cells = [f"{v:.10g}" for v in values]
+            writer.writerow([rows[index], *cells] if rows is not None else cells)
 
 
 def statistics_lines(statistics: dict[str, float] | None) -> list[str]:

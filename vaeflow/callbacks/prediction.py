@@ -22,7 +22,9 @@ class LatentCodeWriter(BasePredictionWriter):
 
     The file holds a dict: ``latents``, one row per example in the order of the predict data
     (by default the data module's test split), plus whatever the model's
-    ``prediction_extras()`` adds (e.g. the posterior covariance of factor analysis). Under DDP
+    ``prediction_extras()`` adds (e.g. the posterior covariance of factor analysis); a model
+    with ``write_prediction_tables(trainer, folder, columns)`` writes its own tables of the
+    joined predictions beside it (factor analysis's ``scores.csv``). Under DDP
     each process holds a contiguous share of the examples (see ``TensorLoader``); the shares are
     written apart, then joined in rank order into the one file.
     """
@@ -38,8 +40,11 @@ class LatentCodeWriter(BasePredictionWriter):
         folder.mkdir(parents=True, exist_ok=True)
         columns = join_columns(predictions)
         extras = getattr(pl_module, "prediction_extras", dict)()
+        tables = getattr(pl_module, "write_prediction_tables", None)
         if trainer.world_size == 1:
             torch.save({**columns, **extras}, folder / LATENTS_FILE)
+            if tables is not None:
+                tables(trainer, folder, columns)
             return
         share = folder / f"latents_rank{trainer.global_rank}.pt"
         torch.save(columns, share)
@@ -48,6 +53,8 @@ class LatentCodeWriter(BasePredictionWriter):
             shares = [folder / f"latents_rank{rank}.pt" for rank in range(trainer.world_size)]
             joined = join_columns([torch.load(path) for path in shares])
             torch.save({**joined, **extras}, folder / LATENTS_FILE)
+            if tables is not None:
+                tables(trainer, folder, joined)
             for path in shares:
                 path.unlink()
         trainer.strategy.barrier()

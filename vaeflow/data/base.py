@@ -8,7 +8,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor
 from typing_extensions import override
 
@@ -213,11 +213,18 @@ class InMemoryDataModule(LightningDataModule):
             for split in SPLITS
         }
         self.indices = rows
+        # NaN is a missing value to a model that says so (FactorAnalysis's `missing`)
+        missing = (
+            getattr(self.model, "missing_values", None),
+            getattr(self.model, "missing_values_advice", ""),
+        )
         self._bounds = finite_bounds(
-            [(splits[s], rows[s]) for s in SPLITS if origin[s] is train], self.source("train")
+            [(splits[s], rows[s]) for s in SPLITS if origin[s] is train],
+            self.source("train"),
+            *missing,
         )
         if test is not None:
-            finite_bounds([(splits["test"], rows["test"])], self.source("test"))
+            finite_bounds([(splits["test"], rows["test"])], self.source("test"), *missing)
         if self.dequantize != "none" and self.value_range is None:
             for data in splits.values():
                 if not torch.equal(data, data.round()):
@@ -231,13 +238,19 @@ class InMemoryDataModule(LightningDataModule):
         }
 
     @property
+    def model(self) -> LightningModule | None:
+        """The model of the Trainer this data module is attached to, if any: some of its class
+        attributes shape the data (``default_val_fraction``, ``order_free_passes``,
+        ``missing_values``)."""
+        return self.trainer.lightning_module if self.trainer is not None else None
+
+    @property
     def validation_fraction(self) -> float:
         """``val_fraction``, or where it is None the attached model's ``default_val_fraction``
         (:data:`DEFAULT_VAL_FRACTION` for a model without one, or without a model)."""
         if self.val_fraction is not None:
             return self.val_fraction
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(model, "default_val_fraction", DEFAULT_VAL_FRACTION)
+        return getattr(self.model, "default_val_fraction", DEFAULT_VAL_FRACTION)
 
     def _split_rows(self, size: int, carve_test: bool) -> dict[Split, Tensor]:
         """Sorted row numbers of each split of the training data's ``size`` rows: a test split
@@ -260,8 +273,7 @@ class InMemoryDataModule(LightningDataModule):
         (its passes are sums over examples, e.g. EM) reads views in the stored order, in
         batches of about ``ORDER_FREE_BATCH_BYTES`` whatever ``batch_size``: per-batch costs
         (Python, kernel launches, small matrix products) then vanish."""
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        if not getattr(model, "order_free_passes", False):
+        if not getattr(self.model, "order_free_passes", False):
             return self.batch_size, self.shuffle
         example_bytes = data[0].numel() * data.element_size()
         return max(1, ORDER_FREE_BATCH_BYTES // example_bytes), False

@@ -82,23 +82,44 @@ def take(array: Array, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(np.asarray(array, dtype=target))
 
 
-def finite_bounds(parts: Sequence[tuple[Tensor, Tensor]], source: str) -> tuple[float, float]:
+def finite_bounds(
+    parts: Sequence[tuple[Tensor, Tensor]],
+    source: str,
+    missing_values: str | None = None,
+    advice: str = "",
+) -> tuple[float, float]:
     """The smallest and largest value of one source's examples, and the one check that they
     are finite (NaN and infinities propagate through ``aminmax``: one pass, no mask).
 
     Args:
         parts: ``(examples, their row numbers in the source)`` for each split from the source.
         source: what the message calls the source (a file name, a data set).
+        missing_values: None where NaN is an error; else the model takes NaN as a missing
+            value (:attr:`~vaeflow.models.FactorAnalysis.missing`), the bounds are of the other
+            values, and only infinities are refused.
+        advice: what the message about NaN adds (the model's options for missing values).
     """
     bounds = [torch.aminmax(data) for data, _ in parts if data.numel()]
     low = min(bound.min.item() for bound in bounds)
     high = max(bound.max.item() for bound in bounds)
     if math.isfinite(low) and math.isfinite(high):
         return low, high
-    bad = torch.cat([rows[~torch.isfinite(data.flatten(1)).all(1)] for data, rows in parts])
+    bad_value = torch.isinf if missing_values is not None else lambda data: ~torch.isfinite(data)
+    bad = torch.cat([rows[bad_value(data.flatten(1)).any(1)] for data, rows in parts])
+    if len(bad) == 0:  # NaN only, which the model takes as missing values
+        values = torch.cat([data[~torch.isnan(data)] for data, _ in parts])
+        if len(values) == 0:
+            raise DataError(f"{source} has no value that is not NaN")
+        return values.min().item(), values.max().item()
+    if missing_values is not None:
+        raise DataError(
+            f"{source} has infinite values in {len(bad)} examples (the first is row "
+            f"{bad.min().item()}); NaN marks a missing value ({missing_values}), an infinity "
+            "none: replace them"
+        )
     raise DataError(
         f"{source} has NaN or infinite values in {len(bad)} examples (the first is row "
-        f"{bad.min().item()}); drop or impute them before training"
+        f"{bad.min().item()}); drop or impute them before training{advice}"
     )
 
 

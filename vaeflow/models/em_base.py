@@ -32,6 +32,7 @@ from typing_extensions import override
 from vaeflow.callbacks import prediction_callbacks
 from vaeflow.errors import ConfigError, DataError
 from vaeflow.metrics import EpochMeans, bits_per_dim, em_progress
+from vaeflow.models.loading import ReadyForInference
 from vaeflow.models.stopping import StoppingRule
 
 F64 = torch.float64
@@ -81,8 +82,10 @@ class Pass(ABC):
 def common_shift(model: LightningModule, x: Tensor) -> Tensor:
     """A shift for float64 sums of squares that every process shares: rank 0's first batch
     mean. Sums about it avoid the cancellation in E[x x^T] - mu mu^T where the mean is large
-    against the spread (an offset of 1e6); any shift gives the same result up to rounding."""
-    return model.trainer.strategy.broadcast(x.mean(0, dtype=F64), src=0)
+    against the spread (an offset of 1e6); any shift gives the same result up to rounding.
+    NaN (a missing value) is left out of the mean, and a feature without a value (a batch
+    emptied of incomplete rows) gets 0."""
+    return model.trainer.strategy.broadcast(x.nanmean(0, dtype=F64).nan_to_num(), src=0)
 
 
 class EMFit(ABC):
@@ -135,6 +138,7 @@ class EMFit(ABC):
             raise DataError(
                 f"{name}: the training data contain NaN or infinite values (or values too "
                 "large for float64 sums); clean or impute them before fitting"
+                f"{getattr(self.model, 'missing_values_advice', '')}"
             )
         with torch.no_grad(), torch.autocast(sums[0].device.type, enabled=False):
             self.current = self.current.finish(*sums)
@@ -142,7 +146,7 @@ class EMFit(ABC):
         return self.current is None
 
 
-class EMModel(LightningModule):
+class EMModel(ReadyForInference):
     """Lightning's side of an EM-style model, fitted by passes over the data.
 
     A subclass creates its float64 parameters in :meth:`build` (from ``input_shape``, or from
@@ -269,11 +273,9 @@ class EMModel(LightningModule):
         if fit.current is None or not fit.current.sums:
             return
         if fit.end_pass():
+            # here, not in on_fit_end: callbacks' on_fit_end (the factor report) run first
+            self.stop_reason = fit.stopping.reason or "max_iter"
             self.trainer.should_stop = True
-        self.after_pass()
-
-    def after_pass(self) -> None:
-        """What follows each pass's update (FactorAnalysis: its rotation)."""
 
     @override
     def on_fit_end(self) -> None:
@@ -281,7 +283,6 @@ class EMModel(LightningModule):
             raise DataError(
                 f"{type(self).__name__}: the training data set is empty; nothing was fitted"
             )
-        self.stop_reason = self._fit.stopping.reason or "max_iter"
         if self.history and (line := self.summary()):
             rank_zero_info(f"{type(self).__name__}: {line}")
 
@@ -348,6 +349,11 @@ class EMModel(LightningModule):
         if not self.trainer.sanity_checking:
             self._log_row(row)
 
+    def fit_report(self) -> dict[str, float]:
+        """Figures of the training fit that ``vaeflow test`` reports beside the test
+        likelihood (FactorAnalysis: its goodness of fit); none by default."""
+        return {}
+
     @override
     def on_test_epoch_start(self) -> None:
         self._means["test"] = EpochMeans()
@@ -361,6 +367,6 @@ class EMModel(LightningModule):
         """The test metrics, in float64 (Lightning keeps a float64 tensor's precision, a
         Python float it makes float32). They are the same on every process: ``sync_dist``
         only tells Lightning so, which it would otherwise warn about under DDP."""
-        row = self._epoch_row("test")
+        row = self._epoch_row("test") | self.fit_report()
         values = {name: torch.tensor(value, dtype=torch.float64) for name, value in row.items()}
         self.log_dict(values, batch_size=1, sync_dist=True)

@@ -9,23 +9,22 @@ taken once per pass. The two ways to fit (``moments``, ``streaming``) are object
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.optim import Optimizer
 from typing_extensions import override
 
 from vaeflow.analysis.rotation import ROTATIONS, Rotation, rotate
-from vaeflow.callbacks import prediction_callbacks
-from vaeflow.callbacks.factor_report import FactorReport
+from vaeflow.analysis.scores import factor_score_weights
+from vaeflow.callbacks.factor_report import SCORES_FILE, FactorReport, write_scores
 from vaeflow.errors import ConfigError, DataError
-from vaeflow.metrics import EpochMeans, bits_per_dim, em_progress
-from vaeflow.models.fa_fit import Fitter, MomentsFitter, StreamingFitter
+from vaeflow.models.em_base import F64, EMFit, EMModel
+from vaeflow.models.fa_fit import MomentsFitter, StreamingFitter
 from vaeflow.models.fa_math import (
     Iterate,
     factorise,
@@ -33,7 +32,8 @@ from vaeflow.models.fa_math import (
     posterior_covariance,
     posterior_mean,
 )
-from vaeflow.models.loading import ReadyForInference
+from vaeflow.models.fa_missing import observed_log_likelihood, observed_regression_scores
+from vaeflow.models.fa_missing_fit import MissingFitter
 
 #: Smallest ``noise_floor``: the rounding of the covariance S (relative ~1e-16 times the growth
 #: of its sums) is divided by the floor in the log-likelihood. Measured on 500 examples with a
@@ -41,8 +41,6 @@ from vaeflow.models.loading import ReadyForInference
 #: 1e-9, 1e-5 at 1e-10 (tests/test_fa.py).
 MIN_NOISE_FLOOR = 1e-9
 
-#: Key of the fit's state (beyond parameters) in a checkpoint.
-CHECKPOINT_KEY = "factor_analysis_fit"
 #: Key of the training data's fit statistics in a checkpoint.
 STATISTICS_KEY = "factor_analysis_statistics"
 
@@ -51,20 +49,7 @@ STATISTICS_KEY = "factor_analysis_statistics"
 FIT_STATISTICS = ("chi_square", "dof", "p_value", "rmsea", "tli", "bic", "srmr")
 
 
-class EMStepCounter(Optimizer):
-    """The optimiser of an EM model: its step changes nothing (the M-step has already updated
-    the parameters) but Lightning counts it, so ``global_step`` counts EM passes and
-    checkpointing, which skips a step it has already saved, works."""
-
-    def __init__(self, params: Iterable[Tensor]) -> None:
-        super().__init__(params, {})
-
-    @override
-    def step(self, closure: Callable[[], Any] | None = None) -> None:
-        return None
-
-
-class FactorAnalysis(ReadyForInference):
+class FactorAnalysis(EMModel):
     """Factor analysis (diagonal noise) or probabilistic PCA (isotropic noise), fitted by EM.
 
     Each training pass over the data is exact EM: the E-step statistics are summed in float64
@@ -119,18 +104,30 @@ class FactorAnalysis(ReadyForInference):
             (orthogonal ``varimax``, ``quartimax``, ``equamax``; oblique ``promax``,
             ``oblimin``, ``quartimin``, ``geomin``) or ``none``. The likelihood does not change
             under rotation, and ``loadings`` keep the unrotated maximum-likelihood solution.
+        missing: what NaN in the data means. ``refuse``: an error, which names the other two;
+            ``fiml``: a missing value, and the fit is full-information maximum likelihood, EM
+            on each row's observed values (:mod:`vaeflow.models.fa_missing`; in memory on the
+            first pass's batches, or with ``streaming`` one EM iteration per pass; the mean is
+            fitted too, and ``log_likelihood`` is the observed-data one); ``complete_cases``:
+            rows with a NaN are left out of the fit.
+        scores: the factor scores of :meth:`factor_scores`, which ``vaeflow predict`` writes
+            to ``scores.csv`` (:mod:`vaeflow.analysis.scores`): ``regression`` (Thurstone, the
+            posterior means of the rotated factors), ``bartlett`` or ``ten_berge``.
         seed: seed of the random initialisation and of the streaming PPCA sketch.
         data_log_scale: log of the factor the data module divided the data by (linked by the
             CLI from the data module's ``log_scale``), for bits per dimension on the data's
             original grid.
     """
 
-    #: EM's sums do not depend on the order of the examples: data modules serve large
-    #: contiguous batches (views) whatever ``batch_size`` says.
-    order_free_passes: ClassVar[bool] = True
+    checkpoint_key: ClassVar[str] = "factor_analysis_fit"
     #: A data module without an explicit ``val_fraction`` gives factor analysis every row: the
     #: maximum-likelihood fit is of all the data, and a validation split is a check to ask for.
     default_val_fraction: ClassVar[float] = 0.0
+    #: What the data modules' message about NaN in the data adds.
+    missing_values_advice: ClassVar[str] = (
+        ", or set the model's missing: fiml (full-information maximum likelihood: every "
+        "observed value counts) or missing: complete_cases (rows with a NaN are left out)"
+    )
 
     def __init__(
         self,
@@ -146,17 +143,15 @@ class FactorAnalysis(ReadyForInference):
         constant_feature_variance: float = 1e-12,
         accelerate: bool = True,
         rotation: str = "none",
+        missing: Literal["refuse", "fiml", "complete_cases"] = "refuse",
+        scores: Literal["regression", "bartlett", "ten_berge"] = "regression",
         seed: int = 0,
         data_log_scale: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.automatic_optimization = False
-        for name, value in (("max_iter", max_iter), ("moments_max_dim", moments_max_dim)):
-            if value < 1:
-                raise ConfigError(f"FactorAnalysis: {name} must be positive, got {value}")
-        if tol < 0:
-            raise ConfigError(f"FactorAnalysis: tol must be >= 0, got {tol}")
+        if moments_max_dim < 1:
+            raise ConfigError(
+                f"FactorAnalysis: moments_max_dim must be positive, got {moments_max_dim}"
+            )
         if not MIN_NOISE_FLOOR <= noise_floor < 1:
             raise ConfigError(
                 f"FactorAnalysis: noise_floor must be in [{MIN_NOISE_FLOOR:g}, 1), got "
@@ -173,42 +168,31 @@ class FactorAnalysis(ReadyForInference):
             )
         self.latent_dim = latent_dim
         self.isotropic = noise == "isotropic"
-        self.register_buffer("n_iter", torch.zeros((), dtype=torch.long))
-        #: One dict per EM iteration: ``train/log_likelihood``, ``train/elbo`` (nats/example)
-        #: and ``train/bits_per_dim``.
-        self.history: list[dict[str, float]] = []
-        #: Why the last fit stopped: ``aitken`` (within ``tol`` of the estimated limit),
-        #: ``round-off`` (no gain float64 can resolve) or ``max_iter``; empty before a fit.
-        self.stop_reason = ""
+        #: Rows left out of the last fit for a missing value (``missing: complete_cases``).
+        self.incomplete_rows = 0
         #: Goodness of fit of the training data (:class:`vaeflow.analysis.FitStatistics` as a
         #: dict: chi-square, RMSEA, TLI, BIC, SRMR, ...) when fitted by ``moments`` on data
         #: without constant features; None otherwise.
         self.fit_statistics: dict[str, float] | None = None
-        self._fitter: Fitter | None = None
-        self._resume: dict[str, Any] | None = None  # the fit's state in a loaded checkpoint
-        self._means = {"val": EpochMeans(), "test": EpochMeans()}
-        if input_shape is not None:
-            self._build(tuple(input_shape))
+        super().__init__(input_shape)
 
-    def _build(self, input_shape: tuple[int, ...]) -> None:
-        """Check the sizes and create the parameters."""
-        dim = math.prod(input_shape)
+    @override
+    def build(self) -> None:
+        """Check the sizes, choose the method and create the parameters."""
+        dim = self.dim
         if not 1 <= self.latent_dim < dim:
             raise ConfigError(
                 f"FactorAnalysis: latent_dim must be between 1 and D - 1 = {dim - 1} for data of "
                 f"dimension D = {dim}, got {self.latent_dim} (with M >= D the model is not "
                 "identified)"
             )
-        self.input_shape, self.dim = input_shape, dim
-        self.hparams.input_shape = input_shape  # so that a checkpoint reloads alone
         hp = self.hparams
         self.streaming = hp.method == "streaming" or (
             hp.method == "auto" and dim > hp.moments_max_dim
         )
-        f64 = torch.float64
-        self.loadings = nn.Parameter(torch.zeros(dim, self.latent_dim, dtype=f64))
-        self.noise_variance = nn.Parameter(torch.ones(dim, dtype=f64))
-        self.mean = nn.Parameter(torch.zeros(dim, dtype=f64))
+        self.loadings = nn.Parameter(torch.zeros(dim, self.latent_dim, dtype=F64))
+        self.noise_variance = nn.Parameter(torch.ones(dim, dtype=F64))
+        self.mean = nn.Parameter(torch.zeros(dim, dtype=F64))
 
     # -- inference under the current parameters ---------------------------------------------
 
@@ -218,11 +202,26 @@ class FactorAnalysis(ReadyForInference):
         x = torch.as_tensor(x)
         return x.reshape(len(x), -1).to(self.mean) - self.mean
 
+    @property
+    def missing_values(self) -> str | None:
+        """None when NaN in the data is an error; else what NaN means, for messages."""
+        return None if self.hparams.missing == "refuse" else f"missing: {self.hparams.missing}"
+
     @torch.no_grad()
     def log_likelihood(self, x: Tensor) -> Tensor:
         """Exact log p(x) of each example (N,), in O(N D M), accurate to float64 round-off
-        even when noise variances are tiny (see :mod:`vaeflow.models.fa_math`)."""
-        return log_likelihood(self._centred(x), factorise(self.loadings, self.noise_variance))
+        even when noise variances are tiny (see :mod:`vaeflow.models.fa_math`). A row with
+        NaN gets the log-likelihood of its observed values, the others integrated out."""
+        centred = self._centred(x)
+        factors = factorise(self.loadings, self.noise_variance)
+        incomplete = torch.isnan(centred).any(1)
+        if not incomplete.any():
+            return log_likelihood(centred, factors)
+        out = log_likelihood(centred.nan_to_num(), factors)
+        out[incomplete] = observed_log_likelihood(
+            centred[incomplete], self.loadings, self.noise_variance, torch.zeros_like(self.mean)
+        )
+        return out
 
     @torch.no_grad()
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -242,6 +241,36 @@ class FactorAnalysis(ReadyForInference):
         return rotate(self.loadings.detach(), self.hparams.rotation)
 
     @torch.no_grad()
+    def factor_scores(
+        self, x: Tensor, method: str | None = None, rotation: Rotation | None = None
+    ) -> Tensor:
+        """Factor scores (N x M) of the rotated factors by ``method`` (default: ``scores``).
+        Rows with NaN get regression scores of their observed values (the other methods need
+        every value).
+
+        Args:
+            x: examples (N x ...), a tensor or an array.
+            method: ``regression``, ``bartlett`` or ``ten_berge``.
+            rotation: :meth:`rotated`, when the caller has it (it iterates).
+        """
+        method = method or self.hparams.scores
+        rotation = rotation or self.rotated()
+        centred = self._centred(x)
+        if torch.isnan(centred).any():
+            if method != "regression":
+                raise DataError(
+                    f"FactorAnalysis: {method} factor scores need every value, and the data "
+                    "hold NaN; regression scores (scores: regression) take each row's "
+                    "observed values"
+                )
+            zero = torch.zeros_like(self.mean)
+            return observed_regression_scores(
+                centred, self.loadings, self.noise_variance, zero, rotation.rotation
+            )
+        weights = factor_score_weights(rotation.loadings, self.noise_variance, method, rotation.phi)
+        return centred @ weights
+
+    @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         """n draws from the model, shaped (n, *input_shape)."""
         z = torch.randn(n, self.latent_dim, dtype=self.mean.dtype, device=self.mean.device)
@@ -249,165 +278,85 @@ class FactorAnalysis(ReadyForInference):
         x = self.mean + z @ self.loadings.T + eps * self.noise_variance.sqrt()
         return x.reshape(n, *self.input_shape)
 
-    def bits_per_dim(self, log_likelihood: float) -> float:
-        """Bits per dimension on the data's original grid (:func:`vaeflow.metrics.bits_per_dim`)."""
-        value = torch.tensor(log_likelihood, dtype=torch.float64)
-        return bits_per_dim(value, self.dim, self.hparams.data_log_scale).item()
-
-    # -- Lightning hooks -------------------------------------------------------------------
+    # -- Lightning -------------------------------------------------------------------------
 
     @override
-    def setup(self, stage: str) -> None:
-        """Without ``input_shape``, create the parameters from the data module's ``dims``."""
-        if hasattr(self, "dim"):
-            return
-        dims = getattr(self.trainer.datamodule, "dims", None)
-        if dims is None:
-            raise ConfigError(
-                "FactorAnalysis: give input_shape (the shape of one example), or fit with a "
-                "data module that has `dims`"
+    def make_fit(self, state: dict[str, Any] | None) -> EMFit:
+        self.incomplete_rows = 0
+        if self.hparams.missing == "fiml":
+            return MissingFitter(self, state)
+        return (StreamingFitter if self.streaming else MomentsFitter)(self, state)
+
+    @override
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """With ``missing: complete_cases``, the batch's rows without NaN."""
+        if self.hparams.missing == "complete_cases":
+            x = self.flat(batch)
+            complete = ~torch.isnan(x).any(1)
+            self.incomplete_rows += len(x) - int(complete.sum())
+            batch = x[complete]
+        super().training_step(batch, batch_idx)
+
+    @override
+    def on_fit_end(self) -> None:
+        """Say how many rows ``complete_cases`` left out, over every process."""
+        super().on_fit_end()
+        if self.hparams.missing == "complete_cases":
+            left_out = torch.tensor(float(self.incomplete_rows), device=self.mean.device)
+            self.incomplete_rows = int(self.trainer.strategy.reduce(left_out, reduce_op="sum"))
+            rank_zero_info(
+                f"FactorAnalysis: {self.incomplete_rows} rows with a missing value were left "
+                "out of the fit (missing: complete_cases)"
             )
-        self._build(tuple(dims))
-
-    @override
-    def configure_optimizers(self) -> Optimizer:
-        return EMStepCounter(self.parameters())
 
     @override
     def configure_callbacks(self) -> list[Callback]:
         """``vaeflow predict`` writes the latent codes (posterior means) to ``latents.pt``; a
         fit writes ``loadings.csv`` and ``summary.txt`` (:class:`FactorReport`)."""
-        return [*prediction_callbacks(self.trainer), FactorReport()]
-
-    @override
-    def on_train_start(self) -> None:
-        """Choose the fitter, after any checkpoint has been restored: a resumed fit continues
-        from the checkpoint's iteration and parameters."""
-        resume = self._resume if self.trainer.ckpt_path is not None else None
-        if resume is None:
-            self.n_iter.zero_()
-        self.history, self._resume = [], None
-        self._fitter = (StreamingFitter if self.streaming else MomentsFitter)(self, resume)
-
-    @override
-    def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        x = batch.reshape(len(batch), -1)
-        if x.shape[1] != self.dim:
-            raise DataError(
-                f"FactorAnalysis: examples have {x.shape[1]} values, expected {self.dim}"
-            )
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            self._fitter.add(x)
-        # The M-step runs at the last batch, not in on_train_epoch_end, because Lightning
-        # validates before on_train_epoch_end: validation must see this pass's parameters.
-        if self.trainer.is_last_batch:
-            self._end_pass()
-            self.optimizers().step()
-
-    @override
-    def on_train_epoch_end(self) -> None:
-        self._end_pass()  # no-op unless the loader hid its last batch (iterable data sets)
-
-    def _end_pass(self) -> None:
-        fitter = self._fitter
-        if fitter.current is None or not fitter.current.sums:
-            return
-        if fitter.end_pass():
-            self.stop_reason = fitter.stopping.reason or "max_iter"
-            self.trainer.should_stop = True
-
-    @override
-    def on_fit_end(self) -> None:
-        if self._fitter is None or self._fitter.var is None:
-            raise DataError("FactorAnalysis: the training data set is empty; nothing was fitted")
+        return [*super().configure_callbacks(), FactorReport()]
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._fitter is not None:
-            checkpoint[CHECKPOINT_KEY] = self._fitter.state_dict()
+        super().on_save_checkpoint(checkpoint)
         checkpoint[STATISTICS_KEY] = self.fit_statistics
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resume = checkpoint.get(CHECKPOINT_KEY)
+        super().on_load_checkpoint(checkpoint)
         self.fit_statistics = checkpoint.get(STATISTICS_KEY)
 
-    def progress(self) -> dict[str, float]:
-        """The EM iteration and its log-likelihood, for the progress bar."""
-        return em_progress(int(self.n_iter), self.history)
+    @override
+    def fit_report(self) -> dict[str, float]:
+        """The training fit's statistics (``fit/chi_square``, ...), where there are some."""
+        if not self.fit_statistics:
+            return {}
+        return {f"fit/{name}": self.fit_statistics[name] for name in FIT_STATISTICS}
 
     def record(self, iterate: Iterate) -> None:
         """One row per EM iteration: log-likelihood, ELBO and bits/dim at the iterate."""
-        self.n_iter.fill_(iterate.iteration)
         ll = iterate.log_likelihood.item()
         row = {
             "train/log_likelihood": ll,
             "train/elbo": iterate.elbo.item(),
             "train/bits_per_dim": self.bits_per_dim(ll),
         }
-        self.history.append(row)
-        self._log_row(row)
-
-    def _log_row(self, row: dict[str, float]) -> None:
-        """To every logger on the EM-iteration axis (step = EM iteration): logged through
-        Lightning, a row took Lightning's batch count as its step, which collided with an EM
-        iteration's row (two rows of one step in metrics.csv)."""
-        step = int(self.n_iter)
-        for logger in self.loggers:
-            logger.log_metrics({**row, "em_iteration": step}, step=step)
-
-    def _evaluate(self, stage: str, batch: Tensor) -> None:
-        ll = self.log_likelihood(batch)
-        self._means[stage].update({"log_likelihood": ll.mean()}, len(ll))
-
-    def _epoch_row(self, stage: str) -> dict[str, float]:
-        """The epoch's mean log-likelihood (float64: sums of values and of examples reduced
-        once over processes, exact for uneven shards) and its bits per dimension."""
-        means = self._means[stage].compute(
-            lambda totals: self.trainer.strategy.reduce(totals, reduce_op="sum")
-        )
-        value = means["log_likelihood"].item()
-        return {f"{stage}/log_likelihood": value, f"{stage}/bits_per_dim": self.bits_per_dim(value)}
+        self.record_row(iterate.iteration, row)
 
     @override
-    def on_validation_epoch_start(self) -> None:
-        self._means["val"] = EpochMeans()
+    def on_predict_start(self) -> None:
+        self._rotation = self.rotated()
 
     @override
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._evaluate("val", batch)
+    def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """The posterior means (``latents``) and the factor scores (``scores``)."""
+        return {
+            "latents": self.posterior(batch)[0],
+            "scores": self.factor_scores(batch, rotation=self._rotation),
+        }
 
-    @override
-    def on_validation_epoch_end(self) -> None:
-        """``val/log_likelihood`` and ``val/bits_per_dim`` of the iteration's parameters."""
-        row = self._epoch_row("val")
-        for name, metric in row.items():
-            self.log(name, metric, logger=False)  # callbacks and progress bar
-        if not self.trainer.sanity_checking:
-            self._log_row(row)
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        self._means["test"] = EpochMeans()
-
-    @override
-    def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._evaluate("test", batch)
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        """The test metrics, in float64 (Lightning keeps a float64 tensor's precision, a
-        Python float it makes float32). They are the same on every process: ``sync_dist``
-        only tells Lightning so, which it would otherwise warn about under DDP."""
-        row = self._epoch_row("test")
-        for name in FIT_STATISTICS if self.fit_statistics else ():
-            row[f"fit/{name}"] = self.fit_statistics[name]  # of the training data
-        values = {name: torch.tensor(value, dtype=torch.float64) for name, value in row.items()}
-        self.log_dict(values, batch_size=1, sync_dist=True)
-
-    @override
-    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        return self.posterior(batch)[0]
+    def write_prediction_tables(self, trainer: Trainer, folder: Path, columns: dict) -> None:
+        """``scores.csv`` in the run folder (:func:`write_scores`)."""
+        write_scores(trainer, folder / SCORES_FILE, columns["scores"])
 
     def prediction_extras(self) -> dict[str, Tensor]:
         """What ``latents.pt`` holds beside the posterior means: the posterior covariance G

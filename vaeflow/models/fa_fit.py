@@ -1,8 +1,7 @@
 """The two ways :class:`~vaeflow.models.fa.FactorAnalysis` is fitted, each an explicit object.
 
-A fit is a sequence of passes over the data. Each pass sums float64 statistics batch by batch
-(:meth:`Pass.add`); at the end of the pass the sums are added up across processes, checked, and
-:meth:`Pass.finish` takes the M-step (or the start) and says which pass comes next, if any.
+Each is an :class:`~vaeflow.models.em_base.EMFit` whose passes
+(:class:`~vaeflow.models.em_base.Pass`) hold factor analysis's statistics and updates:
 
 - :class:`MomentsFitter`: one pass sums n, sum x and sum x x^T, then EM iterates on the D x D
   covariance without touching the data again.
@@ -17,15 +16,17 @@ from the checkpoint's iteration and parameters instead of starting over.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from vaeflow.analysis.statistics import fit_statistics
 from vaeflow.errors import DataError
+from vaeflow.models.em_base import F64, EMFit, Pass, common_shift
 from vaeflow.models.fa_blas import (
     CHUNK_ROWS,
     SMALL_WORK,
@@ -46,50 +47,26 @@ from vaeflow.models.fa_math import (
     ppca_solution,
     roundoff_scale,
 )
-from vaeflow.models.stopping import StoppingRule
 
 if TYPE_CHECKING:
     from vaeflow.models.fa import FactorAnalysis
 
-F64 = torch.float64
 
-
-class Pass(ABC):
-    """One pass over the data: float64 sums, then what their end does."""
+class FitterPass(Pass):
+    """A pass of a :class:`Fitter`."""
 
     def __init__(self, fitter: Fitter) -> None:
+        super().__init__()
         self.fitter = fitter
-        self.sums: list[Tensor] = []  # the first is the number of examples
-
-    def add(self, x: Tensor) -> None:
-        """Add one batch (N x D, any dtype) to the sums."""
-        if not self.sums:
-            self.sums = [x.new_zeros((), dtype=F64), *self.start(x)]
-        self.sums[0] += len(x)
-        self.accumulate(x, *self.sums[1:])
-
-    @abstractmethod
-    def start(self, x: Tensor) -> list[Tensor]:
-        """The zero sums, shaped from the first batch."""
-
-    @abstractmethod
-    def accumulate(self, x: Tensor, *sums: Tensor) -> None:
-        """Add one batch to ``sums`` in place."""
-
-    @abstractmethod
-    def finish(self, n: Tensor, *sums: Tensor) -> Pass | None:
-        """Use the pass's sums over every process; return the next pass (None: fitted)."""
 
 
-class FirstPass(Pass):
-    """Sums about a shift, rank 0's first batch mean, which avoids the cancellation in
-    E[xx^T] - mu mu^T when the mean is large against the spread (an offset of 1e6)."""
+class FirstPass(FitterPass):
+    """Sums about :func:`~vaeflow.models.em_base.common_shift`."""
 
     shift: Tensor
 
     def start(self, x: Tensor) -> list[Tensor]:
-        shift = x.mean(0, dtype=F64)
-        self.shift = self.fitter.model.trainer.strategy.broadcast(shift, src=0)
+        self.shift = common_shift(self.fitter.model, x)
         return self.zeros(self.shift)
 
     @abstractmethod
@@ -104,7 +81,7 @@ class FirstPass(Pass):
         self.fitter.set_variances((squares / n - centre**2).clamp_min(0))
 
 
-class Fitter(ABC):
+class Fitter(EMFit):
     """How a :class:`FactorAnalysis` is fitted: one object per fit, chosen once from ``method``.
 
     Args:
@@ -112,46 +89,13 @@ class Fitter(ABC):
         state: :meth:`state_dict` of a checkpoint to resume from, or None for a fresh fit.
     """
 
+    model: FactorAnalysis
+
     def __init__(self, model: FactorAnalysis, state: dict[str, Any] | None = None) -> None:
-        self.model = model
         self.var: Tensor | None = None  # diag S, the feature variances
         self.floor: Tensor | None = None  # per-feature lower bound of the noise variances
         self.started = False  # whether the parameters hold an EM iterate
-        self.stopping = StoppingRule(model.hparams.tol)
-        if state is not None:
-            self.load_state_dict(state)
-        self.current: Pass | None = self.first_pass()
-
-    @abstractmethod
-    def first_pass(self) -> Pass | None:
-        """The pass a fit (or a resumed fit) begins with."""
-
-    def add(self, x: Tensor) -> None:
-        """Add one batch (N x D) to the current pass."""
-        if self.current is not None:
-            self.current.add(x)
-
-    def end_pass(self) -> bool:
-        """Sum the pass over processes, check it, finish it. Returns whether the fit is done."""
-        if self.current is None:
-            return True
-        sums = self.current.sums
-        if not sums:
-            return False  # no batch in this pass (called twice at one epoch's end)
-        reduce = self.model.trainer.strategy.reduce
-        sums = [reduce(total, reduce_op="sum") for total in sums]
-        n = sums[0].item()
-        if n == 0:
-            raise DataError("FactorAnalysis: the training data set is empty; nothing was fitted")
-        # NaN and infinities propagate into the sums: one check per pass, not per batch.
-        if not all(torch.isfinite(total).all() for total in sums):
-            raise DataError(
-                "FactorAnalysis: the training data contain NaN or infinite values (or values "
-                "too large for float64 sums); clean or impute them before fitting"
-            )
-        with torch.no_grad(), torch.autocast(self.model.mean.device.type, enabled=False):
-            self.current = self.current.finish(*sums)
-        return self.current is None
+        super().__init__(model, state)
 
     def set_variances(self, var: Tensor) -> None:
         """Keep the feature variances and the noise floor they imply (see FactorAnalysis)."""
@@ -207,14 +151,14 @@ class Fitter(ABC):
         self.model.loadings.copy_(loadings)
         self.model.noise_variance.copy_(torch.maximum(noise_variance, self.floor))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the fit beyond the parameters and ``n_iter``."""
-        return {"started": self.started, "var": self.var, "stopping": self.stopping.state_dict()}
+        return {**super().state_dict(), "started": self.started, "var": self.var}
 
+    @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.started = state["started"]
-        if "stopping" in state:  # checkpoints written before the Aitken rule have none
-            self.stopping.load_state_dict(state["stopping"])
         if state["var"] is not None:
             self.set_variances(state["var"].to(self.model.mean))
 
@@ -315,7 +259,7 @@ class VariancePass(FirstPass):
         return EMPass(self.fitter)
 
 
-class CentredPass(Pass):
+class CentredPass(FitterPass):
     """Sums of (x - mu)^T (x - mu) P for a D x K matrix P, about the fitted mean."""
 
     def __init__(self, fitter: Fitter, probe: Tensor) -> None:

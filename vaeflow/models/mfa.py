@@ -49,11 +49,17 @@ class MixtureOfFactorAnalyzers(EMModel):
         latent_dim: M, factors per component (1 <= M < D).
         noise: ``diagonal`` (Psi_k per component), ``shared`` (one diagonal Psi, Ghahramani &
             Hinton's model) or ``isotropic`` (sigma_k^2 I: mixtures of PPCA).
-        noise_floor: lower bound of every noise variance relative to the data's variance of
-            its feature (the mean variance for ``isotropic``): without it a component that
-            sits on fewer than M + 1 points, or on a feature constant within it (the digits'
-            border pixels), drives a variance to zero and the likelihood to infinity. The
-            M-step under the bound is still the exact constrained maximiser.
+        noise_floor: lower bound of every noise variance, relative to the data's mean
+            feature variance (scikit-learn's ``reg_covar``, 1e-6 in the data's units, made
+            to scale with them). Without it a component that sits on fewer than M + 1 points,
+            or on a feature constant within it (the digits' border pixels), drives a variance
+            to zero: the training likelihood grows without bound and a held-out example that
+            inks such a pixel scores -1e5 nats or less (MNIST, 10,000 training images: mean
+            held-out 1262 nats against a median of 2112). The default 1e-4 is 6.7e-6 on MNIST
+            in [0, 1], five times the dequantisation noise's variance (1 / (12 * 256^2)); a
+            floor relative to each feature's own variance (the earlier rule) left pixels never
+            inked in training at that noise. The M-step under the bound is still the exact
+            constrained maximiser.
         kmeans_iter: Lloyd passes of the k-means start.
         init_sample: rows of rank 0's first batch that k-means++ seeds from (shuffle data that
             are sorted by class first).
@@ -251,8 +257,7 @@ class MomentsPass(MixturePass):
         centre = total / n
         var = (squares / n - centre**2).clamp_min(0)
         model.centre.copy_(self.shift + centre)
-        scale = var.mean().expand_as(var) if model.noise == "isotropic" else var
-        self.fit.floor = model.hparams.noise_floor * torch.where(scale > 0, scale, var.mean())
+        self.fit.floor = (model.hparams.noise_floor * var.mean()).expand_as(var).clone()
         seeds = kmeans_plus_plus(
             self.sample - model.centre, model.num_components, model.hparams.seed
         )
@@ -316,7 +321,7 @@ class LloydPass(MixturePass):
         dim, m = model.dim, model.latent_dim
         loadings, noise = [], []
         for k in range(model.num_components):
-            # a cluster too small for a covariance starts from the data's variances
+            # a cluster too small for a covariance starts from the data's mean variance
             cov = scatter[k] / counts[k].clamp_min(1) - torch.outer(centres[k], centres[k])
             if counts[k] <= m + 1:
                 cov = torch.diag(fit.floor / model.hparams.noise_floor)

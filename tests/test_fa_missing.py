@@ -1,0 +1,307 @@
+"""Factor analysis with missing values by full-information maximum likelihood (FIML): the
+observed-data log-likelihood against a dense per-pattern float64 computation, EM's guarantees,
+the fit against complete-case factor analysis on values missing at random, DDP, the data
+modules, the CLI and the scikit-learn estimator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+from torch.utils.data import DataLoader
+
+from vaeflow.data import ArrayDataModule
+from vaeflow.errors import DataError
+from vaeflow.models import FactorAnalysis, fa_math
+from vaeflow.models.fa_missing import (
+    add_sums_,
+    m_step,
+    observed_log_likelihood,
+    posterior,
+    zero_sums,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny matrices: a second thread only adds synchronisation on the shared cores."""
+
+
+def factor_model(dim: int = 8, latent: int = 2, seed: int = 0):
+    """Random (W, Psi, mu) in float64."""
+    g = torch.Generator().manual_seed(seed)
+    loadings = torch.randn(dim, latent, generator=g, dtype=F64)
+    noise = 0.2 + torch.rand(dim, generator=g, dtype=F64)
+    mean = torch.randn(dim, generator=g, dtype=F64)
+    return loadings, noise, mean
+
+
+def draw(n: int, loadings, noise, mean, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, loadings.shape[1], generator=g, dtype=F64)
+    eps = torch.randn(n, len(noise), generator=g, dtype=F64) * noise.sqrt()
+    return mean + z @ loadings.T + eps
+
+
+def missing_at_random(x: torch.Tensor, fraction: float, seed: int = 2) -> torch.Tensor:
+    """NaN in about ``fraction`` of the cells, missing at random (MAR, not MCAR): the first
+    feature is always observed, and each other value is missing with a probability that grows
+    with the first feature's value (a logistic in it, scaled to the fraction asked for)."""
+    g = torch.Generator().manual_seed(seed)
+    n, dim = x.shape
+    anchor = (x[:, 0] - x[:, 0].mean()) / x[:, 0].std()
+    weight = torch.sigmoid(1.5 * anchor)[:, None].expand(n, dim - 1)
+    probability = (weight * fraction * dim / (dim - 1) / weight.mean()).clamp(max=0.95)
+    drop = torch.rand(n, dim - 1, generator=g, dtype=F64) < probability
+    out = x.clone()
+    out[:, 1:][drop] = torch.nan
+    return out
+
+
+def dense_observed_log_likelihood(x: torch.Tensor, loadings, noise, mean) -> np.ndarray:
+    """log p(x_O) row by row, grouped by pattern of observed coordinates, from the dense
+    covariance C_OO = W_O W_O^T + Psi_O by scipy in float64."""
+    cov = (loadings @ loadings.T + torch.diag(noise)).numpy()
+    values = x.numpy()
+    observed = ~np.isnan(values)
+    out = np.zeros(len(values))
+    patterns, inverse = np.unique(observed, axis=0, return_inverse=True)
+    for index, pattern in enumerate(patterns):
+        rows = np.flatnonzero(inverse.ravel() == index)
+        if pattern.any():
+            mvn = multivariate_normal(mean.numpy()[pattern], cov[np.ix_(pattern, pattern)])
+            out[rows] = np.atleast_1d(mvn.logpdf(values[np.ix_(rows, pattern)]))
+    return out
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3])
+def test_observed_log_likelihood_is_the_dense_per_pattern_value(fraction: float) -> None:
+    loadings, noise, mean = factor_model()
+    x = missing_at_random(draw(2000, loadings, noise, mean), fraction)
+    assert torch.isnan(x).double().mean().item() == pytest.approx(fraction, abs=0.02)
+    exact = dense_observed_log_likelihood(x, loadings, noise, mean)
+    ours = observed_log_likelihood(x, loadings, noise, mean).numpy()
+    np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-8)
+    assert abs(ours.mean() - exact.mean()) < 1e-8
+
+
+def test_complete_rows_give_the_complete_data_likelihood_and_posterior() -> None:
+    loadings, noise, mean = factor_model(seed=3)
+    x = draw(300, loadings, noise, mean)
+    factors = fa_math.factorise(loadings, noise)
+    post = posterior(x, loadings, noise, mean)
+    torch.testing.assert_close(
+        post.log_likelihood, fa_math.log_likelihood(x - mean, factors), rtol=0, atol=1e-10
+    )
+    torch.testing.assert_close(
+        post.mean, fa_math.posterior_mean(x - mean, factors), rtol=0, atol=1e-10
+    )
+
+
+def test_a_row_that_observes_nothing_has_the_prior_and_likelihood_zero() -> None:
+    loadings, noise, mean = factor_model()
+    x = torch.full((1, len(noise)), torch.nan, dtype=F64)
+    post = posterior(x, loadings, noise, mean)
+    assert post.log_likelihood.item() == 0
+    assert torch.equal(post.mean, torch.zeros(1, 2, dtype=F64))
+
+
+def em_step(x: torch.Tensor, loadings, noise, mean, batches: int = 1):
+    """One FIML EM step over ``x`` cut into ``batches``: the mean log-likelihood at the
+    parameters and the new parameters."""
+    sums = zero_sums(*loadings.shape, x)
+    for batch in x.tensor_split(batches):
+        add_sums_(sums, batch, loadings, noise, mean)
+    assert sums.rows.item() == (~torch.isnan(x)).any(1).sum().item()
+    w, psi, step = m_step(sums, torch.full_like(noise, 1e-8), isotropic=False)
+    return sums.log_likelihood / sums.rows, (w, psi, mean + step)
+
+
+def test_with_complete_data_at_the_sample_mean_the_m_step_is_complete_data_em() -> None:
+    """At mu = the sample mean, the joint update of (W, mu, Psi) keeps the mean and gives the
+    complete-data M-step of :mod:`vaeflow.models.fa_math`."""
+    loadings, noise, mean = factor_model(seed=4)
+    x = draw(500, loadings, noise, mean)
+    centre = x.mean(0)
+    start = (0.5 * loadings, noise + 0.3)
+    _, (w, psi, mu) = em_step(x, *start, centre)
+    xc = x - centre
+    factors = fa_math.factorise(*start)
+    moments = fa_math.moments_at(xc.T @ xc / len(x), factors)
+    w_ref, psi_ref = fa_math.m_step(factors, moments, torch.full_like(noise, 1e-8), False)
+    torch.testing.assert_close(mu, centre, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w, w_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(psi, psi_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3])
+def test_em_is_monotone_and_ends_at_a_stationary_point(fraction: float) -> None:
+    """Every step raises the observed-data log-likelihood (to round-off), batches sum to the
+    one-batch step, and after the fit the dense log-likelihood's gradient in (W, mu, log Psi),
+    by autograd in float64, vanishes."""
+    truth = factor_model(seed=5)
+    x = missing_at_random(draw(1000, *truth), fraction)
+    mean = torch.nanmean(x, 0)
+    observed = ~torch.isnan(x)
+    noise = torch.where(observed, x - mean, 0).pow(2).sum(0) / observed.sum(0)
+    loadings = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    history = []
+    for step in range(400):
+        ll, update = em_step(x, loadings, noise, mean)
+        if step == 0:
+            _, batched = em_step(x, loadings, noise, mean, batches=7)
+            for a, b in zip(update, batched, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+        history.append(ll.item())
+        loadings, noise, mean = update
+    gains = np.diff(history)
+    assert gains.min() > -1e-12, gains.min()
+    assert history[-1] - history[0] > 0.1
+
+    params = [p.clone().requires_grad_() for p in (loadings, mean, noise.log())]
+    w, mu, log_psi = params
+    cov = w @ w.T + torch.diag(log_psi.exp())
+    total = 0
+    for pattern in observed.unique(dim=0):
+        rows = (observed == pattern).all(1)
+        sub = x[rows][:, pattern]
+        mvn = torch.distributions.MultivariateNormal(mu[pattern], cov[pattern][:, pattern])
+        total = total + mvn.log_prob(sub).sum()
+    (total / len(x)).backward()
+    for p in params:
+        assert p.grad.abs().max().item() < 1e-6
+
+
+# -- the model: FactorAnalysis(missing=...) through Lightning ------------------------------------
+
+
+def fit_model(trainer, x: torch.Tensor, latent: int = 2, batch_size: int = 400, **kwargs):
+    """A FactorAnalysis fitted to the rows x (N x D) through Lightning."""
+    model = FactorAnalysis((x.shape[1],), latent_dim=latent, **kwargs)
+    trainer().fit(model, train_dataloaders=DataLoader(x, batch_size=batch_size))
+    return model
+
+
+def missing_cells_log_likelihood(model: FactorAnalysis, full: torch.Tensor, holed) -> float:
+    """Held-out log-likelihood of the missing cells given the observed ones, sum over rows of
+    log p(x_M | x_O) = log p(x) - log p(x_O), per row with a missing value."""
+    rows = torch.isnan(holed).any(1)
+    joint = model.log_likelihood(full[rows])
+    return (joint - model.log_likelihood(holed[rows])).mean().item()
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3])
+def test_fiml_predicts_held_out_missing_cells_better_than_complete_cases(
+    em_trainer, fraction: float
+) -> None:
+    """Values missing at random (MAR: more often where the first feature is high): the FIML fit
+    is monotone and reports the observed-data log-likelihood, and on new rows with values
+    missing the same way it predicts the missing cells from the observed ones better than
+    complete-case factor analysis (which, under MAR, fits fewer and unrepresentative rows).
+    Measured: FIML ahead by 6e-4 nats per row at 10%, 0.069 at 30%."""
+    truth = factor_model(dim=8, latent=2, seed=6)
+    holed = missing_at_random(draw(1500, *truth, seed=7), fraction, seed=8)
+    test = draw(2000, *truth, seed=17)
+    test_holed = missing_at_random(test, fraction, seed=18)
+    fiml = fit_model(em_trainer, holed, missing="fiml")
+    complete = fit_model(em_trainer, holed, missing="complete_cases")
+    lls = [row["train/log_likelihood"] for row in fiml.history]
+    assert np.diff(lls).min() > -1e-12
+    assert fiml.stop_reason in ("aitken", "round-off")
+    assert lls[-1] == pytest.approx(fiml.log_likelihood(holed).mean().item(), abs=1e-12)
+    assert complete.incomplete_rows == int(torch.isnan(holed).any(1).sum())
+    ours = missing_cells_log_likelihood(fiml, test, test_holed)
+    theirs = missing_cells_log_likelihood(complete, test, test_holed)
+    assert ours > theirs, (ours, theirs)
+
+
+def test_complete_cases_is_the_fit_of_the_complete_rows(em_trainer) -> None:
+    truth = factor_model(seed=9)
+    holed = missing_at_random(draw(1000, *truth), 0.05)
+    dropped = fit_model(em_trainer, holed, missing="complete_cases")
+    kept = fit_model(em_trainer, holed[~torch.isnan(holed).any(1)])
+    torch.testing.assert_close(dropped.mean, kept.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        dropped.log_likelihood(holed), kept.log_likelihood(holed), rtol=0, atol=1e-10
+    )
+
+
+def test_without_missing_values_fiml_reaches_the_complete_data_fit(em_trainer) -> None:
+    truth = factor_model(seed=10)
+    x = draw(800, *truth)
+    fiml = fit_model(em_trainer, x, missing="fiml", tol=1e-10)
+    exact = fit_model(em_trainer, x, tol=1e-10)
+    assert fiml.history[-1]["train/log_likelihood"] == pytest.approx(
+        exact.history[-1]["train/log_likelihood"], abs=1e-7
+    )
+    torch.testing.assert_close(fiml.mean, exact.mean, rtol=0, atol=1e-5)
+
+
+def test_nan_is_refused_by_default_with_both_alternatives(em_trainer) -> None:
+    holed = missing_at_random(draw(200, *factor_model()), 0.1)
+    with pytest.raises(DataError, match=r"missing: fiml .* missing: complete_cases"):
+        fit_model(em_trainer, holed)
+
+
+def test_em_in_memory_takes_the_steps_of_em_by_passes(em_trainer) -> None:
+    """Unless streaming, EM iterates on the batches the first pass kept: the same iterates as
+    one EM iteration per pass over the data."""
+    holed = missing_at_random(draw(900, *factor_model(seed=12)), 0.2)
+    kwargs = dict(missing="fiml", max_iter=15, tol=0.0, batch_size=200)
+    memory = fit_model(em_trainer, holed, **kwargs)
+    streaming = fit_model(em_trainer, holed, method="streaming", **kwargs)
+    assert len(memory.history) == len(streaming.history) == 16
+    for a, b in zip(memory.history, streaming.history, strict=True):
+        assert a["train/log_likelihood"] == pytest.approx(b["train/log_likelihood"], abs=1e-12)
+    torch.testing.assert_close(memory.loadings, streaming.loadings, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("method", ["auto", "streaming"])
+def test_two_processes_fit_what_one_process_fits(
+    em_trainer, ddp_spawn, tmp_path: Path, method: str
+) -> None:
+    """FIML's sums are added across processes once per iteration (in memory) or per pass
+    (streaming): 2 processes (gloo) fit what one does, the first pass's shift broadcast from
+    rank 0; the data module lets NaN through."""
+    holed = missing_at_random(draw(1200, *factor_model(seed=11)), 0.3)
+    np.save(tmp_path / "holed.npy", holed.numpy())
+    data = ArrayDataModule(str(tmp_path / "holed.npy"))
+    kwargs = dict(missing="fiml", max_iter=6, tol=0.0, method=method)
+    single = FactorAnalysis((8,), latent_dim=2, **kwargs)
+    em_trainer().fit(single, datamodule=data)
+    double = FactorAnalysis((8,), latent_dim=2, **kwargs)
+    em_trainer(strategy=ddp_spawn, devices=2).fit(double, datamodule=data)
+    assert int(single.n_iter) == 6
+    for name in ("loadings", "noise_variance"):
+        torch.testing.assert_close(
+            getattr(double, name), getattr(single, name), rtol=1e-9, atol=1e-10
+        )
+    torch.testing.assert_close(double.mean, single.mean, rtol=1e-10, atol=1e-12)
+
+
+def test_factor_scores_of_rows_with_missing_values(em_trainer) -> None:
+    """Regression scores of a row with NaN are E[f | observed values] of the rotated factors:
+    the complete-data scores for a complete row, the rotated posterior mean of the observed
+    values otherwise; Bartlett's need every value."""
+    holed = missing_at_random(draw(600, *factor_model(seed=13)), 0.2)
+    model = fit_model(em_trainer, holed, missing="fiml", rotation="oblimin")
+    rotation = model.rotated()
+    scores = model.factor_scores(holed, rotation=rotation)
+    complete = ~torch.isnan(holed).any(1)
+    torch.testing.assert_close(
+        scores[complete], model.factor_scores(holed[complete]), rtol=0, atol=1e-10
+    )
+    row = holed[~complete][:1]
+    seen = ~torch.isnan(row[0])
+    w, psi = model.loadings.detach()[seen], model.noise_variance.detach()[seen]
+    cov = w @ w.T + torch.diag(psi)
+    z = w.T @ torch.linalg.solve(cov, row[0, seen] - model.mean.detach()[seen])  # E[z | x_O]
+    torch.testing.assert_close(scores[~complete][0], z @ rotation.rotation, rtol=0, atol=1e-10)
+    with pytest.raises(DataError, match="bartlett factor scores need every value"):
+        model.factor_scores(holed, method="bartlett")
