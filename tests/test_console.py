@@ -23,26 +23,77 @@ ALLOWED = (
     r"last checkpoint: .+last\.ckpt",
     r"final metrics: .+",
 )
+#: What test, validate and predict print beyond the run folder and final metrics: the
+#: checkpoint they read, the table of metrics (rich's box characters) and predict's file.
+ALLOWED_EVALUATION = (
+    r"Seed set to \d+",
+    r"Restoring states from the checkpoint path at .+last\.ckpt",
+    r"Loaded model weights from the checkpoint at .+last\.ckpt",
+    r"[┏┡└][━┳╇┻┴─┬┼]+[┓┩┘]",
+    r"[┃│] +(Test|Validate) metric +[┃│] +DataLoader 0 +[┃│]",
+    r"│ +(test|val)/\w+ +│ +-?[\d.e-]+ +│",
+    r"run folder: .+",
+    r"checkpoint: runs/quickstart/version_0/checkpoints/last\.ckpt",
+    r"predictions: runs/quickstart/version_\d/latents\.pt",
+    r"final metrics: .+",
+)
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 
 
-def test_the_quickstart_prints_only_lines_about_the_run(tmp_path: Path) -> None:
-    config = str(REPO / "configs" / "quickstart.yaml")
-    quick = ["--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]
+def printed_lines(args: list[str], cwd: Path) -> tuple[list[str], list[str]]:
+    """All non-empty lines a run printed, and its standard output's (the closing lines)."""
     result = subprocess.run(
-        [sys.executable, "-m", "vaeflow", "fit", "--config", config, *quick],
-        cwd=tmp_path,
+        [sys.executable, "-m", "vaeflow", *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         check=True,
     )
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-    unexpected = [line for line in lines if not any(re.fullmatch(p, line) for p in ALLOWED)]
-    assert not unexpected, "\n".join(unexpected)
-    closing = result.stdout.splitlines()[-4:]  # printed last (the log lines go to stderr)
+    return lines, result.stdout.splitlines()
+
+
+def unexpected(lines: list[str], allowed: tuple[str, ...]) -> str:
+    return "\n".join(line for line in lines if not any(re.fullmatch(p, line) for p in allowed))
+
+
+def test_every_subcommand_prints_only_lines_about_the_run(tmp_path: Path) -> None:
+    """fit, then test, validate and predict of its last checkpoint: each ends with its run
+    folder, the checkpoints it wrote or read, its final metrics and predict's file."""
+    quiet = ["--config", QUICKSTART, "--trainer.enable_progress_bar", "false"]
+    lines, stdout = printed_lines(["fit", *quiet, "--trainer.max_epochs", "2"], tmp_path)
+    assert not unexpected(lines, ALLOWED)
+    closing = stdout[-4:]  # printed last (the log lines go to stderr)
     assert closing[0] == "run folder: runs/quickstart/version_0"
     assert closing[1].startswith("best checkpoint: runs/quickstart/version_0/checkpoints/")
     assert closing[2] == "last checkpoint: runs/quickstart/version_0/checkpoints/last.ckpt"
     assert re.search(r"val/elbo -\d+\.\d{4}", closing[3])
+    last = "runs/quickstart/version_0/checkpoints/last.ckpt"
+    for version, (subcommand, metric) in enumerate(
+        [("test", "test/elbo"), ("validate", "val/elbo"), ("predict", None)], start=1
+    ):
+        lines, stdout = printed_lines([subcommand, *quiet, "--ckpt_path", last], tmp_path)
+        assert not unexpected(lines, ALLOWED_EVALUATION), subcommand
+        folder = f"runs/quickstart/version_{version}"
+        assert stdout[stdout.index(f"run folder: {folder}") + 1] == f"checkpoint: {last}"
+        if metric is None:
+            assert stdout[-1] == f"predictions: {folder}/latents.pt"
+            assert (tmp_path / folder / "latents.pt").is_file()
+        else:
+            assert re.search(rf"{metric} -\d+\.\d{{4}}", stdout[-1]), stdout[-1]
+
+
+def test_the_progress_bar_shows_the_training_objective(tmp_path: Path) -> None:
+    """The VAE's running ELBO beside the step count; factor analysis's EM iteration and
+    log-likelihood (tqdm redraws its line with carriage returns; Lightning sends it to
+    standard output)."""
+    no_checkpoints = ["--trainer.enable_checkpointing", "false"]
+    quickstart = ["fit", "--config", QUICKSTART, "--trainer.max_epochs", "1", *no_checkpoints]
+    _, stdout = printed_lines(quickstart, tmp_path)
+    assert re.search(r"Epoch 0: 100%.*elbo=-\d+\.\d", "\n".join(stdout))
+    fa = str(REPO / "configs" / "ppca_digits.yaml")
+    _, stdout = printed_lines(["fit", "--config", fa, *no_checkpoints], tmp_path)
+    assert re.search(r"EM iteration=\d+, log_likelihood=\d+\.\d+", "\n".join(stdout))
 
 
 def vaeflow(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:

@@ -152,9 +152,9 @@ class VaeflowArgumentParser(LightningArgumentParser):
                 elif option == f"--{key}.help":  # of anything else: jsonargparse's to resolve
                     if value in registry:
                         args[index] = f"{option}={registry.class_path(value)}"
-                elif option.startswith(f"--{key}.") and isinstance(name, str):
-                    # a str is a name (jsonargparse turns class paths and class names into
-                    # class_path blocks): get() refuses an unknown one with the known names
+                elif option.startswith(f"--{key}.") and is_name(name, registry):
+                    # a str is a name or an import path (your_module.YourNet), which is
+                    # jsonargparse's to import: get() refuses an unknown name with the known ones
                     path = current[key] = registry.class_path(name)
                     if key in given_at:
                         args[given_at[key]] = f"--{key}={path}"
@@ -232,6 +232,12 @@ class VaeflowArgumentParser(LightningArgumentParser):
             )
             text += "\n"
         return text
+
+
+def is_name(value: Any, registry: Registry) -> bool:
+    """Whether a config value is a registered name (or a misspelt one) rather than the import
+    path of a class (a dotted path that is not registered)."""
+    return isinstance(value, str) and (value in registry or "." not in value)
 
 
 def short_import_path(cls: type) -> str:

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from typing_extensions import override
@@ -97,9 +97,23 @@ class ModelSummary(LightningModelSummary):
         logging.getLogger("lightning.pytorch.callbacks.model_summary").info("\n".join(lines))
 
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar with the model's training objective beside the step count: a VAE's ELBO
+    (or importance-weighted bound) averaged over the epoch so far, an EM model's iteration and
+    log-likelihood (or ELBO). It reads them from the model's ``progress()`` at each redraw,
+    and each model logs nothing more for it."""
+
+    @override
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        progress = getattr(pl_module, "progress", None)
+        objective = progress() if callable(progress) else {}
+        return {**objective, **super().get_metrics(trainer, pl_module)}
+
+
 def closing_lines(trainer: Trainer, subcommand: str, folder: Path) -> list[str]:
-    """Where the run went and what it reached: the run folder, the checkpoints, the final
-    metrics (per-dimension ones left out), and for ``predict`` the file it wrote."""
+    """Where the run went and what it reached: the run folder, the checkpoints (those ``fit``
+    wrote, or the one the other subcommands read), the final metrics (per-dimension ones left
+    out), and for ``predict`` the file it wrote."""
     lines = [f"run folder: {folder}"]
     checkpoint = trainer.checkpoint_callback
     if subcommand == "fit" and isinstance(checkpoint, ModelCheckpoint):
@@ -107,6 +121,8 @@ def closing_lines(trainer: Trainer, subcommand: str, folder: Path) -> list[str]:
             lines.append(f"best checkpoint: {checkpoint.best_model_path}")
         if checkpoint.last_model_path:
             lines.append(f"last checkpoint: {checkpoint.last_model_path}")
+    elif subcommand != "fit" and trainer.ckpt_path:
+        lines.append(f"checkpoint: {trainer.ckpt_path}")
     if subcommand == "predict":
         from vaeflow.callbacks import LATENTS_FILE
 

@@ -50,7 +50,7 @@ from vaeflow.user_errors import check_config_files, check_run_settings, config_f
 from vaeflow.utils import as_list
 
 #: The default progress bar (see :meth:`VaeflowCLI.before_instantiate_classes`).
-PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
+PROGRESS_BAR = "vaeflow.console.ProgressBar"
 #: Callbacks every run gets unless its config names one of the same kind: each is cheap, and
 #: together they make a run end safely (see :mod:`vaeflow.guards`, :mod:`vaeflow.checkpointing`).
 SAFETY_CALLBACKS = (

@@ -53,6 +53,23 @@ class EpochMeans:
         self.names, self.total, self.count = [], None, 0
         return means
 
+    def running(self) -> dict[str, float]:
+        """The means so far in this process (one host synchronisation): what the progress bar
+        shows while an epoch runs."""
+        if self.total is None:
+            return {}
+        return dict(zip(self.names, (self.total / self.count).tolist(), strict=True))
+
+
+def em_progress(iteration: int, history: list[dict[str, float]]) -> dict[str, float]:
+    """What the progress bar shows of an EM fit: the iteration and the objective it reached
+    (the exact log-likelihood, or the ELBO of a variational fit), in nats per example."""
+    if not history:
+        return {}
+    row = history[-1]
+    name = "log_likelihood" if "train/log_likelihood" in row else "elbo"
+    return {"EM iteration": iteration, name: row[f"train/{name}"]}
+
 
 def bits_per_dim(log_likelihood: Tensor | float, dims: int, log_scale: float = 0.0) -> Tensor:
     """Bits per dimension of the data on their original grid, from a log-likelihood in nats per

@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from vaeflow.callbacks import prediction_callbacks
 from vaeflow.errors import ConfigError, DataError
-from vaeflow.metrics import EpochMeans, bits_per_dim
+from vaeflow.metrics import EpochMeans, bits_per_dim, em_progress
 from vaeflow.models.inputs import as_examples
 from vaeflow.models.loading import ReadyForInference
 from vaeflow.models.stopping import StoppingRule
@@ -302,6 +302,10 @@ class EMModel(ReadyForInference):
             )
         if self.history and (line := self.summary()):
             rank_zero_info(f"{type(self).__name__}: {line}")
+
+    def progress(self) -> dict[str, float]:
+        """The EM iteration and its objective, for the progress bar."""
+        return em_progress(int(self.n_iter), self.history)
 
     def summary(self) -> str:
         """One line for the console at the end of a fit (rank 0); empty: none."""

@@ -674,6 +674,14 @@ class VAE(ReadyForInference, SteppedModule):
         metrics = image_quality(x, reconstructions, samples, self._image_geometry)
         return {name: value.mean() for name, value in metrics.items()}
 
+    def progress(self) -> dict[str, float]:
+        """The training objective's mean over the epoch so far (nats per example), for the
+        progress bar: the ELBO, or the importance-weighted bound."""
+        means = self._means["train"].running()
+        if "kl" in means:
+            return {"elbo": means["reconstruction"] - means["kl"]}
+        return {name: means[name] for name in ("iw_bound",) if name in means}
+
     def latent_summary(self, means: dict[str, Tensor]) -> dict[str, Tensor]:
         """From the test epoch's means: the number of active units (Burda et al., 2016: latent
         dimensions whose posterior mean E_q[z_j | x] varies over the data with variance above
