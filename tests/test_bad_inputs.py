@@ -250,7 +250,7 @@ CASES: dict[str, Case] = {
             "last",
             "--trainer.enable_progress_bar=false",
         ),
-        "--ckpt_path last: no checkpoint",
+        "--ckpt_path last: no runs/",
         lambda folder, mp: shutil.copy(REPO / "configs" / "ppca_digits.yaml", folder / "c.yaml"),
     ),
     # -- values ----------------------------------------------------------------------------------

@@ -318,6 +318,7 @@ class EMModel(ReadyForInference):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._resume = checkpoint.get(self.checkpoint_key)
 
     def record_row(self, iteration: int, row: dict[str, float]) -> None:

@@ -733,6 +733,7 @@ class VAE(ReadyForInference, SteppedModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if TRAIN_MEANS_KEY in checkpoint:  # checkpoints written before it have none
             self._means["train"].load_state_dict(checkpoint[TRAIN_MEANS_KEY])
 
