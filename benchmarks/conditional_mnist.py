@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from quiet_fit import quiet_fit_overrides
 from sklearn.linear_model import LogisticRegression
 
 from vaeflow.cli import VaeflowCLI
@@ -36,13 +36,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, float]:
     overrides = [
         f"--data.init_args.root={args.data_root}",
         f"--trainer.max_epochs={args.epochs}",
-        "--trainer.limit_val_batches=0",
-        "--trainer.callbacks=[]",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='cvae_mnist_')}",
+        *quiet_fit_overrides("cvae_mnist_", validate=False),
     ]
     cli = VaeflowCLI(args=["--config", str(CONFIG), *overrides], run=False)
     began = time.perf_counter()

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
+from quiet_fit import quiet_fit_overrides
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from vae_eval import hand_log_likelihood, peak_memory_mib
@@ -55,12 +55,7 @@ def build(args: argparse.Namespace, estimator: str, k: int) -> VaeflowCLI:
         f"--model.init_args.eval_samples={args.eval_samples}",
         f"--data.init_args.root={args.data_root}",
         f"--trainer.max_epochs={args.epochs}",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        # a fresh folder per model: the CLI keeps each run's config and never overwrites one
-        f"--trainer.default_root_dir={tempfile.mkdtemp(prefix=f'iwae_mnist_k{k}_')}",
+        *quiet_fit_overrides(f"iwae_mnist_k{k}_"),
     ]
     if args.batches_per_epoch:
         overrides.append(f"--trainer.limit_train_batches={args.batches_per_epoch}")

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from quiet_fit import quiet_fit_overrides
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -75,14 +75,7 @@ def build(args: argparse.Namespace, posterior: str) -> VaeflowCLI:
         f"--model.init_args.eval_samples={args.eval_samples}",
         f"--data.init_args.root={args.data_root}",
         f"--trainer.max_epochs={args.epochs}",
-        "--trainer.limit_val_batches=0",
-        "--trainer.callbacks=[]",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        # a fresh folder per model: the CLI keeps each run's config and never overwrites one
-        f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='posteriors_')}",
+        *quiet_fit_overrides("posteriors_", validate=False),
     ]
     if args.batches_per_epoch:
         overrides.append(f"--trainer.limit_train_batches={args.batches_per_epoch}")
