@@ -30,7 +30,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
         (  # a flow's codes are the mean of MEAN_SAMPLES samples, the same in any batch
             "quickstart.yaml",
             VAE,
-            lambda model, x: {"latents": model.encode(x).mean},
+            lambda model, x: {
+                "latents": model.encode(x).mean,
+                "latent_mean_samples": torch.tensor(model.posterior.mean_samples),
+            },
             ["--trainer.max_epochs=1", "--model.init_args.posterior=iaf"],
         ),
         (

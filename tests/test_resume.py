@@ -274,7 +274,11 @@ def test_sigint_while_evaluating_exits_130_with_one_line(
 def test_sigint_at_start_up_exits_130_with_one_line(tmp_path) -> None:
     command = [sys.executable, "-m", "vaeflow", "fit", "--config", QUICKSTART]
     process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # importing
+    # interrupt while torch is being imported (a fixed sleep raced the interpreter's own
+    # start-up on a loaded machine, before Python handles SIGINT at all)
+    maps, deadline = Path(f"/proc/{process.pid}/maps"), time.monotonic() + 60
+    while "torch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130

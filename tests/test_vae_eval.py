@@ -76,9 +76,9 @@ def test_the_default_chunk_bounds_the_decoder_outputs(monkeypatch) -> None:
     sizes = []
     decoder_outputs = model.decoder_outputs
 
-    def recording(z: torch.Tensor) -> torch.Tensor:
+    def recording(z: torch.Tensor, *args: object) -> torch.Tensor:
         sizes.append(z.shape[:-1].numel())
-        return decoder_outputs(z)
+        return decoder_outputs(z, *args)
 
     monkeypatch.setattr(model, "decoder_outputs", recording)
     monkeypatch.setattr(vae, "CPU_EVAL_CHUNK_NUMBERS", 16 * 100 * 64)

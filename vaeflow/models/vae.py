@@ -175,16 +175,11 @@ class VAE(ReadyForInference, SteppedModule):
             below the floor get no pull towards the prior; 0 turns it off. Needs a prior and a
             posterior that factorise over the dimensions (``standard_normal``,
             ``learned_gaussian``; ``diagonal_gaussian``).
-        dreg: with ``importance_weighted``, the doubly reparameterised gradient of the IWAE
-            bound for the encoder (Tucker et al., 2019): the score-function term is dropped and
-            each sample's path gradient weighted by its squared normalised weight: unbiased,
-            with a higher signal-to-noise ratio than plain IWAE's, whose ratio falls with K
-            (Rainforth et al., 2018). Measured (median over the encoder's parameters): about
-            twice plain IWAE's at K = 5, 50 and 500 on a tiny model, and falling with K as
-            plain IWAE's does (tests/test_vae_objectives.py): it does not grow with K. The decoder's
-            gradient and the logged bound are the plain IWAE ones. Every posterior supports it:
-            log q takes a copy of q with all its parameters (a flow's too) detached, evaluated
-            at the samples by inverting the flow.
+        dreg: with ``importance_weighted``, the doubly reparameterised gradient (Tucker et al.,
+            2019) for the encoder: unbiased; measured about twice plain IWAE's signal-to-noise
+            ratio at K = 5, 50 and 500, falling with K as IWAE's does
+            (tests/test_vae_objectives.py). The decoder's gradient and the logged bound are
+            plain IWAE's. Every posterior supports it (log q with all of q's parameters detached).
         eval_samples: importance samples K of the log-likelihood estimate logged at validation
             and test (0 skips it; 5000 is the literature's standard for MNIST test scores).
         predict_samples: posterior samples per example at ``vaeflow predict``: 0 writes the
@@ -350,7 +345,7 @@ class VAE(ReadyForInference, SteppedModule):
             )
         if condition is None:
             return None
-        condition = self.as_input(condition)
+        condition = torch.as_tensor(condition, device=self.device).to(self.dtype)
         if condition.shape[-1] != self.condition_dim:
             raise ConfigError(
                 f"a condition has {self.condition_dim} numbers per example here; got shape "
@@ -784,7 +779,7 @@ class VAE(ReadyForInference, SteppedModule):
             check_evaluation_time(self, splits[split], split, MAX_EVALUATION_SECONDS[stage])
         self._image_geometry = image_geometry(datamodule, self.input_shape)
         given = getattr(datamodule, "condition_dim", 0)
-        if given != self.condition_dim:
+        if datamodule is not None and given != self.condition_dim:
             raise ConfigError(
                 f"the data give a condition of {given} numbers per example (data option "
                 f"condition) and the VAE has condition_dim={self.condition_dim}: set "
