@@ -810,8 +810,10 @@ def check_evaluation_time(model: VAE, data: Tensor, split: str, limit: float) ->
     evaluation longer than ``limit`` seconds, with its estimate; announce one longer than
     :data:`ANNOUNCED_EVALUATION_SECONDS`, so that a long silence is expected."""
     samples, examples = min(model.eval_samples, 256), min(len(data), 64)
+    # the cost does not depend on which condition: the first class for a conditional model
+    condition = torch.eye(model.condition_dim)[[0] * examples] if model.condition_dim else None
     start = time.perf_counter()
-    model.log_likelihood(data[:examples], samples)
+    model.log_likelihood(data[:examples], samples, condition=condition)
     seconds = (time.perf_counter() - start) * model.eval_samples / samples * len(data) / examples
     what = (
         f"the importance-weighted log-likelihood with eval_samples={model.eval_samples} on the "
