@@ -214,6 +214,18 @@ def digits_like(num_train: int = 600) -> SyntheticFADataModule:
     return SyntheticFADataModule(num_train=num_train, dim=12, latent_dim=2, batch_size=100)
 
 
+def test_a_constant_feature_fits_with_a_finite_monotone_elbo(trainer) -> None:
+    """An image's border pixel is the same in every example: its starting noise precision
+    must stay finite (it was infinite, and the first update's Cholesky failed)."""
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[:, 2] = 0.0
+    model = BayesianFactorAnalysis(input_shape=(6,), latent_dim=3, max_iter=20)
+    trainer().fit(model, torch.utils.data.DataLoader(x, batch_size=100))
+    elbo = torch.tensor([row["train/elbo"] for row in model.history])
+    assert torch.isfinite(elbo).all() and len(elbo) > 1
+    assert (elbo.diff() >= -1e-9 * elbo.abs()[1:]).all()
+
+
 def test_a_checkpoint_reloads_alone(trainer, tmp_path: Path) -> None:
     data = digits_like()
     model = BayesianFactorAnalysis(latent_dim=5, max_iter=40)

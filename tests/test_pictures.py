@@ -16,8 +16,11 @@ from PIL import Image
 from torch import Tensor
 from torch.distributions import Independent, Normal
 
+import vaeflow.models
 from vaeflow.analysis import Rotation
 from vaeflow.callbacks import (
+    Components,
+    FactorShares,
     Interpolations,
     LatentScatter,
     LatentTraversals,
@@ -28,15 +31,22 @@ from vaeflow.callbacks import (
     Samples,
     run_dir,
 )
-from vaeflow.callbacks.pictures import Examples, grid
+from vaeflow.callbacks.pictures import Examples, grid, signed_images
 from vaeflow.callbacks.plots import PALETTE
 from vaeflow.data import DigitsDataModule, MNISTDataModule
 from vaeflow.errors import ConfigError
-from vaeflow.models import VAE, FactorAnalysis
+from vaeflow.models import VAE, BayesianFactorAnalysis, FactorAnalysis, MixtureOfFactorAnalyzers
 from vaeflow.registry import LIKELIHOODS
 
 VAE_KINDS = [Reconstructions, Samples, LatentTraversals, Interpolations, LatentScatter]
 FA_KINDS = [Loadings, LogLikelihoodCurve, LatentScatter]
+#: every model of vaeflow.models and the kinds of picture drawn of it by default
+DEFAULT_KINDS = {
+    VAE: VAE_KINDS,
+    FactorAnalysis: FA_KINDS,
+    BayesianFactorAnalysis: [*FA_KINDS, FactorShares],
+    MixtureOfFactorAnalyzers: [Components, LogLikelihoodCurve],
+}
 
 
 class IdentityCodes:
@@ -132,6 +142,44 @@ def test_loadings_are_red_where_positive_blue_where_negative_largest_factor_firs
     torch.testing.assert_close(heat_map, grid(expected.reshape(2, 3, 1, 4), 1))  # a row each
 
 
+def test_bayesian_loadings_show_only_the_columns_ard_kept_largest_first() -> None:
+    class StubBayesianFA:
+        loadings = torch.tensor([[0.0, 2.0, 1e-9], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0, 0, 0]])
+        effective_factors = 2
+
+    picture = Loadings(columns=4).draw(StubBayesianFA(), examples(torch.zeros(2, 4)))
+    expected = signed_images(StubBayesianFA.loadings.T[[1, 0]].double(), (1, 2, 2))
+    torch.testing.assert_close(picture, grid(expected, 2))  # the third column is left out
+
+
+def test_components_show_each_mean_then_its_loadings_one_row_per_component() -> None:
+    class StubMixture:
+        num_components, latent_dim = 2, 2
+        mean = torch.tensor([[0.0, 0.25, 0.5, 1.0], [1.0, 1.0, 0.0, 0.0]])
+        loadings = torch.tensor(
+            [
+                [[1.0, 0.0], [0.0, 3.0], [0.0, 0.0], [0.0, 0.0]],
+                [[0.0, 0.0], [0.0, 0.0], [-1, 0], [0, 0]],
+            ]
+        )
+
+    picture = Components().draw(StubMixture(), examples(torch.zeros(2, 4)))
+    grey = examples(torch.zeros(2, 4)).images(StubMixture.mean).expand(2, 3, 2, 2)
+    first = signed_images(StubMixture.loadings[0].T[[1, 0]].double(), (1, 2, 2))
+    second = signed_images(StubMixture.loadings[1].T.double(), (1, 2, 2))  # column 1 is zero
+    rows = torch.cat([grey[:1], first, grey[1:], second])
+    torch.testing.assert_close(picture, grid(rows, 3))
+
+
+def test_factor_shares_draw_the_ard_shares_and_say_how_many_columns_were_kept() -> None:
+    class StubBayesianFA:
+        factor_shares = torch.tensor([0.05, 0.6, 0.35, 0.0])
+        effective_factors = 3
+
+    picture = FactorShares().draw(StubBayesianFA(), examples(torch.zeros(1, 4)))
+    assert PALETTE[0] in colours_in(picture) and PALETTE[3] in colours_in(picture)
+
+
 def test_log_likelihood_curve_draws_every_em_iteration() -> None:
     class StubFA:
         history = [{"train/log_likelihood": v} for v in (-50.0, -20.0, -12.0, -11.5, -11.4)]
@@ -178,15 +226,14 @@ def fit(tmp_path: Path, model: Any, callback: Pictures, max_epochs: int = 1) -> 
 
 @pytest.mark.parametrize(
     ("model_class", "kind"),
-    [(VAE, kind) for kind in VAE_KINDS] + [(FactorAnalysis, kind) for kind in FA_KINDS],
+    [(model, kind) for model, kinds in DEFAULT_KINDS.items() for kind in kinds],
     ids=lambda value: getattr(value, "__name__", str(value)),
 )
 def test_each_picture_is_a_png_in_the_run_folder_and_the_same_image_in_the_logger(
     tmp_path: Path, model_class: type, kind: type
 ) -> None:
     seed_everything(0)
-    model = model_class(input_shape=(64,), latent_dim=3)
-    trainer = fit(tmp_path, model, Pictures(pictures=[kind()]))
+    trainer = fit(tmp_path, tiny(model_class), Pictures(pictures=[kind()]))
     path = run_dir(trainer) / "pictures" / kind.name / "epoch=0000.png"
     assert path.is_file()
     assert path.parent.parent.parent == Path(trainer.log_dir)  # the logger's version folder
@@ -201,6 +248,25 @@ def test_each_picture_is_a_png_in_the_run_folder_and_the_same_image_in_the_logge
         image,
         atol=0.6 / 255,
         rtol=0,
+    )
+
+
+def tiny(model_class: type) -> Any:
+    """A model of the digits (D = 64) that one epoch fits: EM models stop after few passes."""
+    model_class_args = {VAE: {}, MixtureOfFactorAnalyzers: {"kmeans_iter": 1, "max_iter": 2}}
+    extra = model_class_args.get(model_class, {"max_iter": 2})
+    return model_class(input_shape=(64,), latent_dim=3, **extra)
+
+
+@pytest.mark.parametrize("model_class", DEFAULT_KINDS, ids=lambda cls: cls.__name__)
+def test_every_model_gets_its_kinds_by_default(tmp_path: Path, model_class: type) -> None:
+    assert set(vaeflow.models.__all__) == {cls.__name__ for cls in DEFAULT_KINDS}  # none missed
+    seed_everything(0)
+    epochs = 1 if model_class is VAE else -1  # EM models stop by themselves
+    trainer = fit(tmp_path, tiny(model_class), Pictures(every_n_epochs=0), max_epochs=epochs)
+    folder = run_dir(trainer) / "pictures"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        k.name for k in DEFAULT_KINDS[model_class]
     )
 
 

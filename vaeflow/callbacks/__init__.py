@@ -2,6 +2,8 @@
 ``vaeflow predict`` writes, and the run folder they share with the config and checkpoints."""
 
 from vaeflow.callbacks.pictures import (
+    Components,
+    FactorShares,
     Interpolations,
     LatentScatter,
     LatentTraversals,
@@ -18,6 +20,8 @@ from vaeflow.callbacks.tracking import CONFIG_FILE, log_image, run_dir
 __all__ = [
     "CONFIG_FILE",
     "LATENTS_FILE",
+    "Components",
+    "FactorShares",
     "Interpolations",
     "LatentCodeWriter",
     "LatentScatter",

@@ -7,7 +7,8 @@ TensorBoard). One callback for all kinds, because Lightning calls every callback
 training step's hooks, and each call costs microseconds that a small model's step notices.
 
 The kinds read only public methods: a VAE's ``encode``, ``decode``, ``sample`` and
-``latent_dim``; factor analysis's ``loadings``, ``history`` and ``posterior``. Drawing uses a
+``latent_dim``; factor analysis's ``loadings``, ``history`` and ``posterior`` (and a mixture's
+``mean`` and ``num_components``, Bayesian FA's ``factor_shares``). Drawing uses a
 random generator of its own (the training's random stream is left as it was) with a fixed seed,
 so the same prior draws are pictured at every epoch.
 """
@@ -271,7 +272,10 @@ class LatentScatter(Picture):
 
     @override
     def reads(self, model: LightningModule) -> bool:
-        return hasattr(model, "encode") or hasattr(model, "posterior")
+        """A VAE or a factor analyser; not a mixture, whose codes live in one coordinate
+        system per component (:class:`Components` pictures those)."""
+        mixture = hasattr(model, "num_components")
+        return hasattr(model, "encode") or (hasattr(model, "posterior") and not mixture)
 
     @override
     def draw(self, model: LightningModule, examples: Examples) -> Tensor:
@@ -291,11 +295,28 @@ class LatentScatter(Picture):
         return plots.scatter(points, labels, title, axes)
 
 
+def signed_images(w: Tensor, image_shape: tuple[int, int, int]) -> Tensor:
+    """Rows of ``w`` (N x D) as ``(N, 3, H, W)`` images, each on the scale of its largest
+    absolute value: red positive, blue negative, white zero (mid-grey zero for colour images)."""
+    w = w / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+    w = w.reshape(len(w), *image_shape).float()
+    if w.shape[1] == 1:
+        positive, negative = w.clamp(min=0), (-w).clamp(min=0)
+        return torch.cat([1 - negative, 1 - positive - negative, 1 - positive], dim=1)
+    return (w + 1) / 2
+
+
+def largest_first(w: Tensor, most: int) -> Tensor:
+    """The ``most`` columns of ``w`` (D x M) with the largest norms, as rows (<= most x D)."""
+    w = w.detach().double().cpu().T
+    return w[w.norm(dim=1).argsort(descending=True)[:most]]
+
+
 class Loadings(Picture):
-    """Factor analysis's loadings, one picture per factor (the columns of the rotated pattern,
-    :meth:`FactorAnalysis.rotated`, largest norm first): red positive, blue negative, white
-    zero, each on its own scale. For data that are not images, one strip per factor, stacked
-    into a heat map.
+    """The loadings, one picture per factor, largest norm first: factor analysis's rotated
+    pattern (:meth:`FactorAnalysis.rotated`), or Bayesian FA's posterior mean loadings of the
+    columns ARD kept (``effective_factors``). Red positive, blue negative, white zero, each on
+    its own scale. For data that are not images, one strip per factor, stacked into a heat map.
 
     Args:
         num_factors: how many factors at most.
@@ -310,32 +331,80 @@ class Loadings(Picture):
         self.columns = columns
 
     @override
+    def reads(self, model: LightningModule) -> bool:
+        """One matrix of loadings (D x M); a mixture's (K x D x M) are :class:`Components`."""
+        return super().reads(model) and model.loadings.dim() == 2
+
+    @override
     def draw(self, model: LightningModule, examples: Examples) -> Tensor:
-        w = model.rotated().loadings.double().cpu().T  # (M, D)
-        w = w[w.norm(dim=1).argsort(descending=True)[: self.num_factors]]
-        w = w / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
-        w = w.reshape(len(w), *examples.image_shape).float()
-        if w.shape[1] == 1:  # red for positive values, blue for negative ones, white for zero
-            positive, negative = w.clamp(min=0), (-w).clamp(min=0)
-            images = torch.cat([1 - negative, 1 - positive - negative, 1 - positive], dim=1)
-        else:  # colour images: zero is mid-grey
-            images = (w + 1) / 2
+        if hasattr(model, "rotated"):
+            w, most = model.rotated().loadings, self.num_factors
+        else:
+            w, most = model.loadings, min(self.num_factors, max(model.effective_factors, 1))
+        images = signed_images(largest_first(w, most), examples.image_shape)
         strips = examples.image_shape[1] == 1  # data that are not images: one row per factor
-        return grid(images, 1 if strips else min(self.columns, len(w)))
+        return grid(images, 1 if strips else min(self.columns, len(images)))
+
+
+class Components(Picture):
+    """A mixture of factor analysers, one row per component in the model's order (the index
+    of ``responsibilities``): the component's mean, then its loading columns largest norm
+    first, coloured as :class:`Loadings` colours them.
+
+    Args:
+        num_components: how many components (rows) at most.
+        num_factors: how many loading columns per component at most.
+    """
+
+    name = "components"
+    needs = ("num_components", "mean", "loadings")
+
+    def __init__(self, num_components: int = 16, num_factors: int = 8) -> None:
+        self.num_components = num_components
+        self.num_factors = num_factors
+
+    @override
+    def draw(self, model: LightningModule, examples: Examples) -> Tensor:
+        rows = []
+        for mean, w in zip(model.mean[: self.num_components], model.loadings, strict=False):
+            image = examples.images(mean.detach()[None])
+            loadings = largest_first(w, self.num_factors)
+            rows += [
+                image.expand(1, 3, *image.shape[2:]),
+                signed_images(loadings, examples.image_shape),
+            ]
+        return grid(torch.cat(rows), 1 + min(self.num_factors, model.latent_dim))
 
 
 class LogLikelihoodCurve(Picture):
-    """Factor analysis's exact log-likelihood (nats per example) at each EM iteration, from
-    its ``history``."""
+    """The training objective (nats per example) at each iteration, from the model's
+    ``history``: the exact log-likelihood of EM fits, the ELBO of Bayesian FA."""
 
     name = "log_likelihood"
     needs = ("history",)
 
     @override
     def draw(self, model: LightningModule, examples: Examples) -> Tensor:
-        values = [row["train/log_likelihood"] for row in model.history]
-        title = f"training log-likelihood, {len(values)} EM iterations"
-        return plots.curve(values, title, ("EM iteration", "nats per example"))
+        elbo = model.history and "train/elbo" in model.history[0]
+        key = "train/elbo" if elbo else "train/log_likelihood"
+        values = [row[key] for row in model.history]
+        title = f"training {key.removeprefix('train/')}, {len(values)} iterations"
+        return plots.curve(values, title, ("iteration", "nats per example"))
+
+
+class FactorShares(Picture):
+    """Bayesian FA's automatic relevance determination: each loading column's share of the
+    loadings' energy (``factor_shares``), largest first; the columns at or above the model's
+    ``prune_threshold`` are the ``effective_factors`` it keeps."""
+
+    name = "factor_shares"
+    needs = ("factor_shares", "effective_factors")
+
+    @override
+    def draw(self, model: LightningModule, examples: Examples) -> Tensor:
+        shares = model.factor_shares.detach().double().cpu().sort(descending=True).values
+        title = f"ARD: {model.effective_factors} of {len(shares)} loading columns kept"
+        return plots.curve(shares.tolist(), title, ("loading column, largest first", "share"))
 
 
 def all_kinds() -> list[Picture]:
@@ -347,7 +416,9 @@ def all_kinds() -> list[Picture]:
         Interpolations,
         LatentScatter,
         Loadings,
+        Components,
         LogLikelihoodCurve,
+        FactorShares,
     )
     return [kind() for kind in kinds]
 
@@ -364,7 +435,8 @@ class Pictures(Callback):
         every_n_epochs: draw after every this many training epochs (0: only at the end).
         pictures: the kinds to draw; by default every kind that fits the model (a VAE:
             reconstructions, samples, traversals, interpolations, latent scatter; factor
-            analysis: loadings, log-likelihood curve, latent scatter).
+            analysis: loadings, log-likelihood curve, latent scatter; Bayesian FA: those and
+            the factor shares; a mixture of factor analysers: components and the curve).
         image_shape: ``(C, H, W)`` of one example as a picture; by default the data module's
             ``example_shape`` when it has three dimensions, else the model's input shape,
             else a 1-pixel strip per example.

@@ -59,13 +59,14 @@ def _span(values: np.ndarray) -> tuple[float, float]:
 def _ticks(
     draw: ImageDraw.ImageDraw, x_range: tuple[float, float], y_range: tuple[float, float]
 ) -> None:
-    """Each axis's two ends, labelled."""
+    """Each axis's two ends, labelled; the vertical axis's inside the plot, where a label as
+    long as ``-1234.57`` has room."""
     font = _font(10)
     bottom, right = MARGIN + SIZE, MARGIN + SIZE
     draw.text((MARGIN, bottom + 4), f"{x_range[0]:.6g}", fill="black", font=font)
     draw.text((right, bottom + 4), f"{x_range[1]:.6g}", fill="black", font=font, anchor="ra")
-    draw.text((MARGIN - 4, bottom), f"{y_range[0]:.6g}", fill="black", font=font, anchor="rd")
-    draw.text((MARGIN - 4, MARGIN), f"{y_range[1]:.6g}", fill="black", font=font, anchor="ra")
+    draw.text((MARGIN + 4, bottom - 2), f"{y_range[0]:.6g}", fill="black", font=font, anchor="ld")
+    draw.text((MARGIN + 4, MARGIN + 2), f"{y_range[1]:.6g}", fill="black", font=font, anchor="la")
 
 
 def _axis_names(image: Image.Image, draw: ImageDraw.ImageDraw, axes: Sequence[str]) -> None:

@@ -271,7 +271,10 @@ class VBFit(EMFit):
         pairs = leading_eigenpairs(scaled, min(dim, 2 * latent + 10), model.hparams.seed)
         loadings, _ = ppca_solution(*pairs, latent, scaled.diagonal().sum(), dim)
         loadings = loadings * units[:, None]
-        residual = (var - (loadings**2).sum(1)).clamp_min(1e-3 * var)
+        # a constant feature (an image's border pixel) has no variance of its own to floor
+        # at: 1e-6 of the mean variance keeps its starting noise precision finite
+        floor = 1e-3 * var.clamp_min(1e-6 * var.mean())
+        residual = (var - (loadings**2).sum(1)).clamp_min(floor)
         noise_shape = torch.tensor(priors.noise_shape, dtype=F64) + n / 2
         ard_shape = torch.tensor(priors.ard_shape + dim / 2, dtype=F64)
         q = Posterior(
