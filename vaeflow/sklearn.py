@@ -152,12 +152,12 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         """
         if feature_names is None and hasattr(cov, "columns"):
             feature_names = cov.columns
-        matrix = torch.from_numpy(check_array(cov, dtype=np.float64, ensure_min_features=2))
+        matrix = torch.tensor(check_array(cov, dtype=np.float64, ensure_min_features=2))
         matrix = check_covariance(matrix, n_obs, "cov")
         dim = len(matrix)
         centre = torch.zeros(dim, dtype=F64)
         if mean is not None:
-            centre = torch.from_numpy(check_array(mean, dtype=np.float64, ensure_2d=False))
+            centre = torch.tensor(check_array(mean, dtype=np.float64, ensure_2d=False))
             if centre.shape != (dim,):
                 raise ValueError(f"mean must hold D = {dim} values, got {tuple(centre.shape)}")
         names = None if feature_names is None else np.asarray(feature_names, dtype=object)
