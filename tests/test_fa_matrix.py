@@ -66,7 +66,9 @@ def test_a_correlation_matrix_gives_the_standardised_solution(scores: np.ndarray
         ours, theirs = getattr(matrix.fit_statistics_, name), getattr(raw.fit_statistics_, name)
         assert ours == pytest.approx(theirs, rel=1e-8, abs=1e-10), name
     standardised = (scores - scores.mean(0)) / scores.std(0)
-    assert matrix.score(pandas.DataFrame(standardised, columns=NAMES)) == pytest.approx(matrix.log_likelihood_, abs=1e-7)
+    assert matrix.score(pandas.DataFrame(standardised, columns=NAMES)) == pytest.approx(
+        matrix.log_likelihood_, abs=1e-7
+    )
 
 
 def bad_matrices() -> dict[str, tuple[np.ndarray, int, str]]:
