@@ -321,7 +321,7 @@ CASES: dict[str, Case] = {
     "empty CSV": Case((*ARRAY, "--data.path", "x.csv"), "is empty", write("x.csv", "")),
     "covariance matrix not symmetric": Case(
         (*MATRIX, "--data.n_obs", "50"),
-        r"not symmetric: entry \(0, 1\)",
+        "not symmetric: entry (0, 1) is 0.5 but (1, 0) is 0.4",
         write("r.csv", "a,b,c\n1,0.5,0\n0.4,1,0\n0,0,1\n"),
     ),
     "covariance matrix with n_obs not above D": Case(
