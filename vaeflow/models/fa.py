@@ -176,6 +176,11 @@ class FactorAnalysis(EMModel):
         #: dict: chi-square, RMSEA, TLI, BIC, SRMR, ...) when fitted by ``moments`` on data
         #: without constant features; None otherwise.
         self.fit_statistics: dict[str, float] | None = None
+        #: The covariance of the training data that the fit statistics compare the model with
+        #: (``missing: fiml``: the saturated model's estimate) and the number of examples, from
+        #: the last fit; None when it formed none (``streaming``). The report's parallel
+        #: analysis reads it.
+        self.fitted_covariance: tuple[Tensor, int] | None = None
         super().__init__(input_shape)
 
     @override

@@ -200,6 +200,7 @@ class MomentsFitter(Fitter):
             )
         self.set(w, psi)
         w, psi = model.loadings.detach(), model.noise_variance.detach()
+        model.fitted_covariance = (cov, num_obs)
         try:
             model.fit_statistics = asdict(fit_statistics(cov, w, psi, num_obs))
         except torch.linalg.LinAlgError:  # S singular (constant or collinear features)
