@@ -20,6 +20,7 @@ from vaeflow.analysis.saturated import (
     independence_log_likelihood,
     saturated_e_step,
 )
+from vaeflow.cli import main
 from vaeflow.data import ArrayDataModule
 from vaeflow.errors import DataError
 from vaeflow.models import FactorAnalysis, fa_math
@@ -409,3 +410,63 @@ def test_fiml_statistics_reproduce_lavaan(tmp_path: Path) -> None:
     assert n * (s.log_likelihood + s.discrepancy / 2) == pytest.approx(unrestricted, rel=1e-7)
     assert n * s.discrepancy == pytest.approx(chisq, rel=1e-6)
     assert n * s.null_discrepancy == pytest.approx(baseline, rel=1e-7)
+
+
+# -- empty CSV cells ------------------------------------------------------------------------------
+
+
+def write_holed_csv(path: Path, holed: torch.Tensor) -> None:
+    """A CSV with a header whose missing values are empty cells (``1,,3``)."""
+    lines = [",".join(f"x{d + 1}" for d in range(holed.shape[1]))]
+    lines += [",".join("" if np.isnan(v) else f"{v:.17g}" for v in row) for row in holed.tolist()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_empty_csv_cells_are_missing_values_to_fiml_and_complete_cases(
+    em_trainer, tmp_path: Path
+) -> None:
+    """An empty cell reads as NaN: FIML fits what it fits of the same values given as NaN,
+    complete cases leave those rows out, and the default refuses with both options, naming
+    the line."""
+    holed = missing_at_random(draw(400, *factor_model(seed=17)), 0.1)
+    write_holed_csv(tmp_path / "holed.csv", holed)
+    data = ArrayDataModule(str(tmp_path / "holed.csv"))
+    assert data.feature_names == [f"x{d + 1}" for d in range(8)]
+    fiml = FactorAnalysis(latent_dim=2, missing="fiml", max_iter=5)
+    em_trainer().fit(fiml, datamodule=data)
+    direct = fit_model(em_trainer, holed, missing="fiml", max_iter=5)
+    torch.testing.assert_close(fiml.loadings, direct.loadings, rtol=1e-10, atol=1e-12)
+    dropped = FactorAnalysis(latent_dim=2, missing="complete_cases")
+    em_trainer().fit(dropped, datamodule=ArrayDataModule(str(tmp_path / "holed.csv")))
+    assert dropped.incomplete_rows == int(torch.isnan(holed).any(1).sum())
+    first = 2 + int(torch.isnan(holed).any(1).nonzero()[0])  # the header is line 1
+    refused = FactorAnalysis(latent_dim=2)
+    message = rf"line {first} of .* has an empty cell: .* missing: fiml .* missing: complete_cases"
+    with pytest.raises(DataError, match=message):
+        em_trainer().fit(refused, datamodule=ArrayDataModule(str(tmp_path / "holed.csv")))
+
+
+def test_the_command_line_reports_fiml_statistics_of_a_csv_with_empty_cells(
+    tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``missing: fiml`` on a CSV with empty cells: summary.txt has the fit statistics (against
+    the saturated model) and the scree picture of its correlation matrix."""
+    monkeypatch.chdir(tmp_path)
+    holed = missing_at_random(draw(600, *factor_model(seed=18)), 0.2)
+    write_holed_csv(tmp_path / "survey.csv", holed)
+    Path("fa.yaml").write_text(
+        "data:\n  class_path: vaeflow.data.ArrayDataModule\n  init_args:\n"
+        "    path: survey.csv\n"
+        "model:\n  class_path: vaeflow.models.FactorAnalysis\n  init_args:\n"
+        "    latent_dim: 2\n    missing: fiml\n"
+    )
+    main(["fit", "--config", "fa.yaml", "--trainer.enable_progress_bar", "false"])
+    printed = capsys.readouterr().out
+    run = tmp_path / "runs" / "fa" / "version_0"
+    summary = (run / "summary.txt").read_text()
+    expected = SklearnFA(2, missing="fiml").fit(holed.numpy()).fit_statistics_
+    line = f"on {expected.dof:g} degrees of freedom"
+    assert line in printed and line in summary and "RMSEA" in summary
+    chi = float(summary.split("Chi-square (Bartlett's correction): ")[1].split()[0])
+    assert chi == pytest.approx(expected.chi_square, abs=0.01)
+    assert "Parallel analysis" in summary and (run / "scree.png").is_file()
