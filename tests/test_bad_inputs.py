@@ -38,6 +38,10 @@ ARRAY = (
     *("fit", "--data", "vaeflow.data.ArrayDataModule", "--model", "vaeflow.models.FactorAnalysis"),
     *("--model.init_args.latent_dim", "1", "--trainer.enable_progress_bar", "false"),
 )
+MATRIX = (
+    *("fit", "--data", "vaeflow.data.CovarianceDataModule", "--data.path", "r.csv"),
+    *ARRAY[3:],
+)
 
 Setup = Callable[[Path, pytest.MonkeyPatch], None]
 
@@ -315,6 +319,16 @@ CASES: dict[str, Case] = {
         write("x.csv", "a,2,c\n" + "1,2,3\n4,5,7\n" * 20),
     ),
     "empty CSV": Case((*ARRAY, "--data.path", "x.csv"), "is empty", write("x.csv", "")),
+    "covariance matrix not symmetric": Case(
+        (*MATRIX, "--data.n_obs", "50"),
+        "not symmetric: entry (0, 1) is 0.5 but (1, 0) is 0.4",
+        write("r.csv", "a,b,c\n1,0.5,0\n0.4,1,0\n0,0,1\n"),
+    ),
+    "covariance matrix with n_obs not above D": Case(
+        (*MATRIX, "--data.n_obs", "3"),
+        "an integer above D = 3",
+        write("r.csv", "a,b,c\n1,0.5,0\n0.5,1,0\n0,0,1\n"),
+    ),
     "1-D array": Case(
         (*ARRAY, "--data.path", "x.npy"), "reshape it to (N, 1)", array("x.npy", noise()[:, 0])
     ),

@@ -559,6 +559,7 @@ def write_npz(name: str) -> Callable[[Path], Path]:
         (write_bytes("x.csv", b"a,b\n1,2\n3,oops\n"), None, "could not convert string 'oops'"),
         (write_bytes("x.csv", b""), None, "is empty"),
         (write_bytes("x.csv", b"1,,3\n4,5,6\n"), None, "neither a row of numbers nor a header"),
+        (write_bytes("x.csv", b"a,b,c\n4,5,6\n1,,3\n"), None, "line 3 of .* has an empty cell"),
         (write_bytes("x.csv", b"a,2,c\n4,5,6\n"), None, "neither a row of numbers nor a header"),
         (write_bytes("x.npy", b"not numpy"), None, "could not be read as .npy"),
         (write_array("x.npy", np.arange(5.0)), None, r"shape \(5,\); expected \(N, \.\.\.\)"),

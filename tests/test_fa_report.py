@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from vaeflow.analysis import correlation, parallel_analysis
 from vaeflow.cli import main
 from vaeflow.data import ArrayDataModule
 from vaeflow.models import FactorAnalysis
@@ -55,6 +57,15 @@ def test_fit_and_test_of_a_named_csv_with_an_oblique_rotation(
     assert "rotation: oblimin" in summary and "RMSEA" in summary and "calculus" in summary
     phi = float(summary.split("Factor correlations (Phi):")[1].split()[4])
     assert phi == pytest.approx(0.4, abs=0.1)  # the factors' true correlation
+    # the scree picture: parallel analysis of the fitted rows' correlation matrix
+    data = ArrayDataModule("scores.csv", val_fraction=0.0, test_fraction=0.2)
+    data.setup()
+    analysis = parallel_analysis(correlation(data.splits["train"]), len(data.splits["train"]))
+    assert "Parallel analysis (eigenvalues of the correlation matrix above the 95th " in summary
+    assert f"random data's): {analysis.num_factors} factor(s); picture: scree.png" in summary
+    written = np.asarray(Image.open(run / "scree.png"))
+    expected = (analysis.picture() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert (written != expected).any(2).mean() < 1e-3  # rounding may move a pixel
     main(["test", "--config", "fa.yaml", "--ckpt_path", "last", *quiet])
     table = capsys.readouterr().out
     assert "fit/chi_square" in table and "fit/rmsea" in table and "test/log_likelihood" in table
@@ -63,8 +74,6 @@ def test_fit_and_test_of_a_named_csv_with_an_oblique_rotation(
     capsys.readouterr()
     rows = list(csv.reader(next(Path("runs").rglob("scores.csv")).open()))
     assert rows[0] == ["row", "F1", "F2"]
-    data = ArrayDataModule("scores.csv", val_fraction=0.0, test_fraction=0.2)
-    data.setup()
     assert [int(row[0]) for row in rows[1:]] == data.indices["test"].tolist()
     model = FactorAnalysis.load_from_checkpoint(next(Path("runs").rglob("last.ckpt")))
     expected = model.factor_scores(data.splits["test"])  # regression, oblimin

@@ -114,7 +114,7 @@ def test_missing_values_are_refused_with_the_alternative_or_dropped() -> None:
 def test_fiml_in_a_pipeline_scores_the_observed_values() -> None:
     """missing='fiml' behind a StandardScaler (which passes NaN through): every row is fitted,
     score_samples of a row with NaN is its observed-data log-likelihood (the dense marginal),
-    and without NaN the fit is the complete-data one."""
+    the fit has FIML statistics, and without NaN the fit is the complete-data one."""
     x = factor_data(n=600, dim=6, latent=2)
     holed = x.copy()
     holed[np.random.default_rng(1).random(x.shape) < 0.2] = np.nan
@@ -122,8 +122,11 @@ def test_fiml_in_a_pipeline_scores_the_observed_values() -> None:
     pipeline.fit(holed)
     scaled = pipeline[0].transform(holed)
     estimator = pipeline[-1]
-    assert estimator.fit_statistics_ is None
     assert estimator.log_likelihood_ == pytest.approx(pipeline.score_samples(holed).mean())
+    # FIML fit statistics (tests/test_fa_missing.py checks them against lavaan)
+    statistics = estimator.fit_statistics_
+    assert statistics.dof == 4 and statistics.chi_square >= 0
+    assert statistics.log_likelihood == pytest.approx(estimator.log_likelihood_, abs=1e-12)
     row = scaled[np.isnan(scaled).any(axis=1)][0]
     seen = ~np.isnan(row)
     cov = estimator.get_covariance()[np.ix_(seen, seen)]

@@ -71,6 +71,7 @@ SHIPPED_DATA = (
     data.FashionMNISTDataModule,
     data.CIFAR10DataModule,
     data.ArrayDataModule,
+    data.CovarianceDataModule,
     data.SyntheticFADataModule,
 )
 

@@ -17,15 +17,11 @@ import numpy as np
 import torch
 from lightning.pytorch import Trainer
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch import Tensor
+from torch.utils.data import DataLoader
 
-from vaeflow.analysis import (
-    FitStatistics,
-    fit_statistics,
-    rotate,
-    summarize,
-)
+from vaeflow.analysis import FitStatistics, Moments, check_covariance, rotate, summarize
 from vaeflow.analysis.scores import factor_scores
 from vaeflow.models import FactorAnalysis as EMFactorAnalysis
 from vaeflow.models.fa_missing import observed_regression_scores
@@ -81,10 +77,12 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         uniquenesses_: 1 - communalities_ (D).
         rotation_matrix_: T, with pattern = A T^(-T) and Phi = T^T T for the unrotated A.
         fit_statistics_: chi-square with Bartlett's correction, RMSEA, TLI, BIC, SRMR and the
-            log-likelihood (:class:`vaeflow.analysis.FitStatistics`); None for ``fiml`` fits
-            of data with missing values, whose chi-square needs the saturated model's FIML fit.
+            log-likelihood (:class:`vaeflow.analysis.FitStatistics`), with N the number of rows
+            (``n_obs`` for :meth:`fit_covariance`); None where the covariance is singular
+            (a constant or collinear feature) or the fit streams (D above
+            ``moments_max_dim``).
         log_likelihood_: the fit's mean log-likelihood per row (nats), of the observed values
-            for ``fiml``.
+            for ``fiml``; of data with the matrix as covariance for :meth:`fit_covariance`.
         n_iter_: EM iterations taken; ``stop_reason_``: why EM stopped.
         n_features_in_, feature_names_in_: as scikit-learn sets them.
     """
@@ -121,6 +119,64 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
                 f"n_samples={num_obs}: factor analysis needs at least 2 samples to have a "
                 "covariance to model"
             )
+        rows = torch.from_numpy(x)
+        self._fit_em(dim, DataLoader(rows, batch_size=num_obs), self.missing == "fiml")
+        self._set_solution(rows)
+        return self
+
+    def fit_covariance(
+        self,
+        cov: Any,
+        n_obs: int,
+        *,
+        mean: Any = None,
+        feature_names: Any = None,
+    ) -> FactorAnalysis:
+        """Fit the factor model to a covariance or correlation matrix of ``n_obs`` examples,
+        as R's ``psych::fa(r, n.obs = )``: the same EM and the same attributes as :meth:`fit`
+        of the data whose matrix it is, ``fit_statistics_`` with N = ``n_obs``. A correlation
+        matrix gives the standardised solution (``components_`` and ``noise_variance_`` on the
+        correlation scale). :meth:`transform` and :meth:`score_samples` then take data on the
+        matrix's scale (standardised, for a correlation matrix), about ``mean``.
+
+        Args:
+            cov: the D x D matrix (an array, or a DataFrame whose columns name the features).
+            n_obs: the number of examples it was computed from, above D.
+            mean: the features' means (D), when known; 0 otherwise.
+            feature_names: the features' names (D strings), which ``feature_names_in_`` keeps;
+                a DataFrame's columns otherwise.
+
+        Raises:
+            ValueError: the matrix is not square, symmetric and positive definite, ``n_obs``
+                is not above D, or ``mean`` or ``feature_names`` are not of length D.
+        """
+        if feature_names is None and hasattr(cov, "columns"):
+            feature_names = cov.columns
+        matrix = torch.tensor(check_array(cov, dtype=np.float64, ensure_min_features=2))
+        matrix = check_covariance(matrix, n_obs, "cov")
+        dim = len(matrix)
+        centre = torch.zeros(dim, dtype=F64)
+        if mean is not None:
+            centre = torch.tensor(check_array(mean, dtype=np.float64, ensure_2d=False))
+            if centre.shape != (dim,):
+                raise ValueError(f"mean must hold D = {dim} values, got {tuple(centre.shape)}")
+        names = None if feature_names is None else np.asarray(feature_names, dtype=object)
+        if names is not None and (
+            names.shape != (dim,) or not all(isinstance(n, str) for n in names)
+        ):
+            raise ValueError(f"feature_names must be D = {dim} strings, got {feature_names!r}")
+        moments = Moments(torch.tensor(float(n_obs), dtype=F64), centre, matrix)
+        self._fit_em(dim, DataLoader([moments], batch_size=None), fiml=False)
+        self.n_features_in_ = dim
+        if names is not None:
+            self.feature_names_in_ = names
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self._set_solution(None)
+        return self
+
+    def _fit_em(self, dim: int, data: DataLoader, fiml: bool) -> None:
+        """EM of a model of ``dim`` features on ``data`` (rows, or a matrix's moments)."""
         if not 1 <= self.n_components < dim:
             raise ValueError(
                 f"n_components must be between 1 and n_features - 1 = {dim - 1} for data with "
@@ -132,10 +188,9 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
             noise=self.noise,
             tol=self.tol,
             max_iter=self.max_iter,
-            missing="fiml" if self.missing == "fiml" else "refuse",
+            missing="fiml" if fiml else "refuse",
             seed=self.random_state,
         )
-        data = torch.utils.data.DataLoader(torch.from_numpy(x), batch_size=num_obs)
         with quiet_lightning():
             Trainer(
                 accelerator=self.device,
@@ -149,8 +204,6 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
                 limit_val_batches=0,
             ).fit(model, train_dataloaders=data)
         self._model = model.cpu()
-        self._set_solution(torch.from_numpy(x), num_obs)
-        return self
 
     def _rows(self, x: np.ndarray) -> np.ndarray:
         """The rows to fit or score, after the ``missing`` policy."""
@@ -177,7 +230,9 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         # torch warns about tensors over read-only memory (which the fit never writes)
         return x if x.flags.writeable else x.copy()
 
-    def _set_solution(self, x: Tensor, num_obs: int) -> None:
+    def _set_solution(self, x: Tensor | None) -> None:
+        """The attributes of the fitted model; ``x``: the rows it was fitted to (None: a
+        matrix)."""
         model = self._model
         unrotated = model.loadings.detach()
         psi = model.noise_variance.detach()
@@ -195,12 +250,11 @@ class FactorAnalysis(TransformerMixin, BaseEstimator):
         self.communalities_ = summary.communalities.numpy()
         self.uniquenesses_ = summary.uniquenesses.numpy()
         self.rotation_matrix_ = rotation.numpy()
-        self.log_likelihood_ = model.log_likelihood(x).mean().item()
-        self.fit_statistics_: FitStatistics | None = None
-        if not torch.isnan(x).any():
-            centred = x - model.mean.detach()
-            cov = centred.T @ centred / num_obs
-            self.fit_statistics_ = fit_statistics(cov, unrotated, psi, num_obs)
+        statistics = model.fit_statistics
+        self.fit_statistics_ = FitStatistics(**statistics) if statistics else None
+        self.log_likelihood_ = (
+            statistics["log_likelihood"] if x is None else model.log_likelihood(x).mean().item()
+        )
         self.n_iter_ = int(model.n_iter)
         self.stop_reason_ = model.stop_reason
 

@@ -4,6 +4,7 @@ variances and covariance matrices, so the FactorAnalysis model, the CLI and a sc
 estimator can share them."""
 
 from vaeflow.analysis.fit import fit_covariance
+from vaeflow.analysis.moments import Moments, check_covariance
 from vaeflow.analysis.rotation import (
     ROTATIONS,
     GradientProjection,
@@ -43,11 +44,13 @@ __all__ = [
     "FitStatistics",
     "GradientProjection",
     "LoadingSummary",
+    "Moments",
     "ParallelAnalysis",
     "Rotation",
     "RotationMethod",
     "SphericityTest",
     "bartlett_sphericity",
+    "check_covariance",
     "chi_square_test",
     "correlation",
     "explained_variance",

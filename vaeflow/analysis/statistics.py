@@ -21,6 +21,7 @@ import torch
 from scipy import optimize, stats
 from torch import Tensor
 
+from vaeflow.analysis.saturated import SaturatedFit
 from vaeflow.likelihoods import LOG_2PI
 from vaeflow.models.fa_math import factorise, log_likelihood_from_moments, moments_at
 
@@ -208,6 +209,68 @@ def fit_statistics(
     std = cov.diagonal().sqrt()
     correlation = cov / torch.outer(std, std)
     null = -torch.linalg.cholesky(correlation).diagonal().log().sum().item() * 2
+    return _statistics(
+        f, null, log_likelihood, cov, loadings, noise_variance, num_obs, phi, confidence
+    )
+
+
+def fiml_fit_statistics(
+    saturated: SaturatedFit,
+    independence_log_likelihood: float,
+    log_likelihood: float,
+    loadings: Tensor,
+    noise_variance: Tensor,
+    phi: Tensor | None = None,
+    confidence: float = 0.9,
+) -> FitStatistics:
+    """The fit statistics of a full-information maximum-likelihood fit to data with missing
+    values, as lavaan's for ``missing = "ml"``: F = 2 (l_sat - l) and F0 = 2 (l_sat - l_0) from
+    the mean observed-data log-likelihoods per row of the saturated model
+    (:func:`vaeflow.analysis.saturated.fit_saturated`), the factor model and the independence
+    model, with n the rows that observe a value. lavaan's chi-square is n F; this one keeps
+    Bartlett's correction, (n - 1 - (2p + 5)/6 - 2m/3) F, so that without missing values it is
+    the complete data's (F is then the ML discrepancy). SRMR compares the model's covariance
+    with the saturated model's.
+
+    Args:
+        saturated: the saturated model's FIML fit.
+        independence_log_likelihood: the independence model's
+            (:func:`vaeflow.analysis.saturated.independence_log_likelihood`).
+        log_likelihood: the factor model's.
+        loadings: its pattern P (p x m), in the data's units.
+        noise_variance: its Psi (p).
+        phi: factor correlations of an oblique rotation (identity when None).
+        confidence: level of the RMSEA interval.
+    """
+    f = 2 * (saturated.log_likelihood - log_likelihood)
+    null = 2 * (saturated.log_likelihood - independence_log_likelihood)
+    return _statistics(
+        f,
+        null,
+        log_likelihood,
+        saturated.covariance,
+        loadings,
+        noise_variance,
+        saturated.num_rows,
+        phi,
+        confidence,
+    )
+
+
+def _statistics(
+    f: float,
+    null: float,
+    log_likelihood: float,
+    cov: Tensor,
+    loadings: Tensor,
+    noise_variance: Tensor,
+    num_obs: int,
+    phi: Tensor | None,
+    confidence: float,
+) -> FitStatistics:
+    """:class:`FitStatistics` from the discrepancies and the residuals of the model's
+    covariance against ``cov``."""
+    std = cov.diagonal().sqrt()
     common = loadings @ loadings.T if phi is None else loadings @ phi @ loadings.T
     residual = (cov - common - torch.diag(noise_variance)) / torch.outer(std, std)
     dim = cov.shape[0]

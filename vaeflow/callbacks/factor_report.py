@@ -1,5 +1,6 @@
-"""What a factor-analysis fit reports, as psych's ``fa`` prints it: ``loadings.csv`` and
-``summary.txt`` in the run folder, and the fit statistics on the console."""
+"""What a factor-analysis fit reports, as psych's ``fa`` prints it: ``loadings.csv``,
+``summary.txt`` and the scree picture ``scree.png`` in the run folder, and the fit statistics on
+the console."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
@@ -20,6 +22,10 @@ if TYPE_CHECKING:
 LOADINGS_FILE = "loadings.csv"
 SUMMARY_FILE = "summary.txt"
 SCORES_FILE = "scores.csv"
+SCREE_FILE = "scree.png"
+#: Most features for which a fit's report runs parallel analysis: 100 eigendecompositions of
+#: D x D matrices, under a second at D = 200, growing as D^3.
+SCREE_MAX_DIM = 200
 
 
 def feature_names(trainer: Trainer, dim: int) -> list[str]:
@@ -64,6 +70,31 @@ def statistics_lines(statistics: dict[str, float] | None) -> list[str]:
     ]
 
 
+def parallel_analysis_lines(model: FactorAnalysis, folder: Path) -> list[str]:
+    """Parallel analysis (:func:`vaeflow.analysis.parallel_analysis`) of the correlation matrix
+    of the fitted covariance, its scree picture written to ``folder``; the report's line."""
+    # here: vaeflow.analysis.selection imports the models, which import this module
+    from vaeflow.analysis.selection import parallel_analysis
+
+    if model.fitted_covariance is None:
+        return ["Parallel analysis: none (the streaming fit forms no covariance matrix)."]
+    if model.dim > SCREE_MAX_DIM:
+        return [
+            f"Parallel analysis: not run for D = {model.dim} > {SCREE_MAX_DIM} features "
+            "(vaeflow.analysis.parallel_analysis runs it from Python)."
+        ]
+    cov, num_obs = model.fitted_covariance
+    std = cov.diagonal().sqrt().cpu()
+    if not (std > 0).all():
+        return ["Parallel analysis: none (a feature is constant)."]
+    analysis = parallel_analysis(cov.cpu() / torch.outer(std, std), num_obs)
+    analysis.picture(folder / SCREE_FILE)
+    return [
+        f"Parallel analysis (eigenvalues of the correlation matrix above the 95th percentile of "
+        f"random data's): {analysis.num_factors} factor(s); picture: {SCREE_FILE}"
+    ]
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return [
@@ -72,9 +103,12 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def summary_text(model: FactorAnalysis, names: list[str], summary: LoadingSummary) -> str:
+def summary_text(
+    model: FactorAnalysis, names: list[str], summary: LoadingSummary, selection: list[str]
+) -> str:
     """The psych-style report: standardised loadings with communalities (h2) and
-    uniquenesses (u2), variance explained, factor correlations and the fit statistics."""
+    uniquenesses (u2), variance explained, factor correlations, the fit statistics and
+    ``selection``, the lines about the number of factors."""
     factors = [f"F{j + 1}" for j in range(model.latent_dim)]
     lines = [
         f"Factor analysis by maximum likelihood: {model.latent_dim} factors, {model.dim} "
@@ -120,15 +154,18 @@ def summary_text(model: FactorAnalysis, names: list[str], summary: LoadingSummar
         ),
         "",
         *statistics_lines(model.fit_statistics),
+        *selection,
     ]
     return "\n".join(lines) + "\n"
 
 
 class FactorReport(Callback):
     """At the end of a fit, the rotated solution (:meth:`FactorAnalysis.rotated`) on the
-    correlation scale: ``loadings.csv`` (one row per feature: loadings, h2, u2) and
-    ``summary.txt`` in the run folder, and the fit statistics on the console. A fit without
-    a logger has no run folder (``vaeflow.sklearn``, a trainer of the user's): nothing then."""
+    correlation scale: ``loadings.csv`` (one row per feature: loadings, h2, u2),
+    ``summary.txt`` and ``scree.png`` (:meth:`vaeflow.analysis.ParallelAnalysis.picture`, for
+    up to :data:`SCREE_MAX_DIM` features) in the run folder, and the fit statistics on the
+    console. A fit without a logger has no run folder (``vaeflow.sklearn``, a trainer of the
+    user's): nothing then."""
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -155,7 +192,8 @@ class FactorReport(Callback):
                 strict=True,
             ):
                 writer.writerow([name, *(f"{v:.6g}" for v in row), f"{h2:.6g}", f"{u2:.6g}"])
-        (folder / SUMMARY_FILE).write_text(summary_text(model, names, summary))
+        selection = parallel_analysis_lines(model, folder)
+        (folder / SUMMARY_FILE).write_text(summary_text(model, names, summary, selection))
         print(
             f"Factor analysis: {int(model.n_iter)} EM iterations, stopped by "
             f"{model.stop_reason}; loadings in {folder / LOADINGS_FILE}, report in "

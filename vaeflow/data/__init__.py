@@ -2,6 +2,7 @@
 
 from vaeflow.data.array import ArrayDataModule
 from vaeflow.data.base import InMemoryDataModule
+from vaeflow.data.covariance import CovarianceDataModule
 from vaeflow.data.digits import DigitsDataModule
 from vaeflow.data.synthetic import SyntheticFADataModule
 from vaeflow.data.torchvision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
@@ -9,6 +10,7 @@ from vaeflow.data.torchvision import CIFAR10DataModule, FashionMNISTDataModule, 
 __all__ = [
     "ArrayDataModule",
     "CIFAR10DataModule",
+    "CovarianceDataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "InMemoryDataModule",

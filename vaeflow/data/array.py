@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import warnings
@@ -84,14 +85,15 @@ def _is_number(field: str) -> bool:
 
 def csv_header(path: Path) -> list[str] | None:
     """The column names of a CSV file whose first line names them, or None when the first line
-    is a row of numbers. A header is a line of names only: a line mixing names and numbers, or
-    with an empty field, is refused rather than guessed at (a data row taken for a header would
-    be lost without a word). A UTF-8 byte-order mark is not part of the first name."""
+    is a row of numbers (empty cells, missing values, allowed). A header is a line of names
+    only: a line mixing names and numbers, or names with an empty field, is refused rather than
+    guessed at (a data row taken for a header would be lost without a word). A UTF-8 byte-order
+    mark is not part of the first name."""
     with path.open(encoding="utf-8-sig") as file:
         first = file.readline().rstrip("\r\n")
     fields = [field.strip() for field in first.split(",")]
-    numbers = [_is_number(field) for field in fields]
-    if not first.strip() or all(numbers):  # an empty file is reported by the reader
+    numbers = [_is_number(field) for field in fields if field]
+    if not first.strip() or (numbers and all(numbers)):  # an empty file: the reader says so
         return None
     if not any(numbers) and all(fields):
         return fields
@@ -101,13 +103,42 @@ def csv_header(path: Path) -> list[str] | None:
     )
 
 
+def first_empty_cell(path: Path) -> tuple[int, str] | None:
+    """(line number from 1, the line) of the first line of a CSV file with an empty cell
+    (``1,,3``), header excepted; None when every cell holds something."""
+    skip = int(csv_header(path) is not None)
+    with path.open(encoding="utf-8-sig") as file:
+        for number, line in enumerate(file, start=1):
+            text = line.rstrip("\r\n")
+            if number > skip and text.strip() and not all(f.strip() for f in text.split(",")):
+                return number, text
+    return None
+
+
+def _number_or_nan(field: str) -> float:
+    """A CSV cell's number; an empty cell is NaN, a missing value."""
+    return float(field) if field.strip() else math.nan
+
+
 def _read_csv(path: Path, key: str | None) -> Array:
+    """The numbers of a CSV file; empty cells are NaN (missing values), which only a model
+    that takes them accepts (:meth:`ArrayDataModule.load`)."""
     header = csv_header(path)
+    options: dict[str, Any] = {
+        "delimiter": ",",
+        "skiprows": int(header is not None),
+        "ndmin": 2,
+        "encoding": "utf-8-sig",
+    }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # "is empty" below
-        return np.loadtxt(
-            path, delimiter=",", skiprows=int(header is not None), ndmin=2, encoding="utf-8-sig"
-        )
+        try:
+            return np.loadtxt(path, **options)
+        except ValueError:
+            if first_empty_cell(path) is None:
+                raise
+            # per-cell Python only for files with empty cells
+            return np.loadtxt(path, converters=_number_or_nan, **options)
 
 
 def why_not_a_file(path: Path) -> str:
@@ -254,9 +285,33 @@ class ArrayDataModule(InMemoryDataModule):
         train = self._array(self.path)
         test = None if self.test_path is None else self._array(self.test_path)
         self._raw.clear()
+        for path, array in ((self.path, train), (self.test_path, test)):
+            self._refuse_empty_cells(path, array)
         if test is not None and test.shape[1:] != train.shape[1:]:
             raise DataError(
                 f"test_path {self.test_path} holds examples of shape {tuple(test.shape[1:])}, "
                 f"but path {self.path} holds examples of shape {tuple(train.shape[1:])}"
             )
         return train, test
+
+    def _refuse_empty_cells(self, path: Path | None, array: Array | None) -> None:
+        """An empty CSV cell is a missing value (NaN) only to a model that takes them
+        (FactorAnalysis's ``missing``); otherwise the file is refused where the first one is."""
+        model = self.model
+        if path is None or path.suffix.lower() != ".csv" or not np.isnan(array).any():
+            return
+        if getattr(model, "missing_values", None) is not None:
+            return
+        found = first_empty_cell(path)
+        if found is None:  # NaN written as such: the data module's message about NaN
+            return
+        number, line = found
+        where = (
+            f"the first line of {path} is neither a row of numbers nor a header of column names"
+            if number == 1
+            else f"line {number} of {path} has an empty cell"
+        )
+        raise DataError(
+            f"{where}: {line[:200]!r}; an empty cell is a missing value only to a model that "
+            f"takes them: fill it (or drop the row){getattr(model, 'missing_values_advice', '')}"
+        )

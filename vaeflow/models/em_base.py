@@ -270,10 +270,15 @@ class EMModel(ReadyForInference):
         self.history, self._resume = [], None
         self._fit = self.make_fit(resume)
 
+    def examples(self, batch: Any) -> Any:
+        """The training batch as the current pass takes it: by default its examples as rows
+        (:meth:`flat`)."""
+        return self.flat(batch)
+
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        x = self.flat(batch)
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        x = self.examples(batch)
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             self._fit.add(x)
         # The update runs at the last batch, not in on_train_epoch_end, because Lightning
         # validates before on_train_epoch_end: validation must see this pass's parameters.

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from vaeflow.analysis.moments import Moments
 from vaeflow.analysis.rotation import ROTATIONS, Rotation, rotate
 from vaeflow.analysis.scores import factor_score_weights
 from vaeflow.callbacks.factor_report import SCORES_FILE, FactorReport, write_scores
@@ -175,6 +176,11 @@ class FactorAnalysis(EMModel):
         #: dict: chi-square, RMSEA, TLI, BIC, SRMR, ...) when fitted by ``moments`` on data
         #: without constant features; None otherwise.
         self.fit_statistics: dict[str, float] | None = None
+        #: The covariance of the training data that the fit statistics compare the model with
+        #: (``missing: fiml``: the saturated model's estimate) and the number of examples, from
+        #: the last fit; None when it formed none (``streaming``). The report's parallel
+        #: analysis reads it.
+        self.fitted_covariance: tuple[Tensor, int] | None = None
         super().__init__(input_shape)
 
     @override
@@ -284,14 +290,30 @@ class FactorAnalysis(EMModel):
         return (StreamingFitter if self.streaming else MomentsFitter)(self, state)
 
     @override
-    def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        """With ``missing: complete_cases``, the batch's rows without NaN."""
+    def examples(self, batch: Tensor | Moments) -> Tensor | Moments:
+        """The batch's rows, without those with NaN under ``missing: complete_cases``; or a
+        covariance matrix's :class:`~vaeflow.analysis.Moments`
+        (:class:`~vaeflow.data.CovarianceDataModule`), which the ``moments`` method fits."""
+        if isinstance(batch, Moments):
+            if self.streaming or self.hparams.missing == "fiml":
+                raise ConfigError(
+                    "FactorAnalysis: a covariance matrix is fitted by method: moments (auto "
+                    f"picks it up to moments_max_dim = {self.hparams.moments_max_dim} features) "
+                    "and has no missing values: leave method at auto or moments and missing at "
+                    "refuse"
+                )
+            if batch.covariance.shape != (self.dim, self.dim):
+                raise DataError(
+                    f"FactorAnalysis: the covariance matrix is {tuple(batch.covariance.shape)}, "
+                    f"but the model has D = {self.dim} features"
+                )
+            return batch
+        x = self.flat(batch)
         if self.hparams.missing == "complete_cases":
-            x = self.flat(batch)
             complete = ~torch.isnan(x).any(1)
             self.incomplete_rows += len(x) - int(complete.sum())
-            batch = x[complete]
-        super().training_step(batch, batch_idx)
+            x = x[complete]
+        return x
 
     @override
     def on_fit_end(self) -> None:

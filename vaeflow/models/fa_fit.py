@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from vaeflow.analysis.moments import Moments
 from vaeflow.analysis.statistics import fit_statistics
 from vaeflow.errors import DataError
 from vaeflow.models.em_base import F64, EMFit, Pass, common_shift
@@ -199,6 +200,7 @@ class MomentsFitter(Fitter):
             )
         self.set(w, psi)
         w, psi = model.loadings.detach(), model.noise_variance.detach()
+        model.fitted_covariance = (cov, num_obs)
         try:
             model.fit_statistics = asdict(fit_statistics(cov, w, psi, num_obs))
         except torch.linalg.LinAlgError:  # S singular (constant or collinear features)
@@ -206,7 +208,29 @@ class MomentsFitter(Fitter):
 
 
 class CovariancePass(FirstPass):
+    """n, sum x and sum x x^T of the rows (lower triangle), or of a matrix's
+    :class:`~vaeflow.analysis.Moments`; then :meth:`MomentsFitter.fit`."""
+
     fitter: MomentsFitter
+
+    @override
+    def add(self, x: Tensor | Moments) -> None:
+        """Add a batch of rows, or :class:`~vaeflow.analysis.Moments` (n examples of mean m
+        and covariance S add n (m - shift) and n (S + (m - shift)(m - shift)^T), the shift
+        their mean broadcast from rank 0)."""
+        if not isinstance(x, Moments):
+            super().add(x)
+            return
+        if not self.sums:
+            shift = x.mean.to(F64)
+            self.shift = self.fitter.model.trainer.strategy.broadcast(shift, src=0)
+            dim = len(shift)
+            self.sums = [shift.new_zeros(()), shift.new_zeros(dim), shift.new_zeros(dim, dim)]
+        count, total, gram = self.sums
+        centre = x.mean.to(F64) - self.shift
+        count += x.count
+        total += x.count * centre
+        gram += x.count * (x.covariance.to(F64) + torch.outer(centre, centre))
 
     def zeros(self, shift: Tensor) -> list[Tensor]:
         dim = len(shift)

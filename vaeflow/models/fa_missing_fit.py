@@ -16,11 +16,14 @@ of 2000 rows x 12 features).
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from vaeflow.analysis.saturated import fit_saturated, independence_log_likelihood
+from vaeflow.analysis.statistics import fiml_fit_statistics
 from vaeflow.errors import DataError
 from vaeflow.models.em_base import F64, Pass, common_shift
 from vaeflow.models.fa_blas import SMALL_WORK, single_thread_if
@@ -58,8 +61,42 @@ class MissingFitter(Fitter):
                     return FIMLPass(self)
                 statistics = self.sums_of_kept()
             if not self.step(statistics):
+                self.fit_statistics(statistics)
                 return None
             statistics = None
+
+    def fit_statistics(self, statistics: MissingSums) -> None:
+        """The fitted model's statistics against the saturated and independence models fitted
+        by FIML to the kept batches (:mod:`vaeflow.analysis.saturated`), sums over every
+        process; none when streaming (the data are not kept) or when the saturated covariance
+        is singular (a feature constant or collinear)."""
+        model = self.model
+        model.fit_statistics = model.fitted_covariance = None
+        if model.streaming:
+            return
+        loadings, noise, mean = (
+            p.detach() for p in (model.loadings, model.noise_variance, model.mean)
+        )
+        strategy = model.trainer.strategy
+
+        def reduce(total: Tensor) -> Tensor:
+            return strategy.reduce(total, reduce_op="sum")
+
+        start = loadings @ loadings.T + torch.diag(noise)
+        try:
+            saturated = fit_saturated(self.kept, mean, start, reduce=reduce)
+            model.fit_statistics = asdict(
+                fiml_fit_statistics(
+                    saturated,
+                    independence_log_likelihood(self.kept, mean, reduce),
+                    (statistics.log_likelihood / statistics.rows).item(),
+                    loadings,
+                    noise,
+                )
+            )
+        except torch.linalg.LinAlgError:
+            return
+        model.fitted_covariance = (saturated.covariance, saturated.num_rows)
 
     def sums_of_kept(self) -> MissingSums:
         """The E-step sums of the kept batches at the current parameters, over every process."""
