@@ -62,8 +62,19 @@ def explain(error: BaseException) -> str | None:
                 "for this machine. Choose smaller sizes (latent_dim, hidden widths, batch_size, "
                 "num_samples, eval_samples)"
             )
-        if isinstance(cause, ArithmeticError | ValueError | TypeError) and raised_in_torch_optim(
-            cause
+        requirement = unmet_requirement(cause)
+        if requirement is not None:
+            setting = next(
+                (name for folder, name in REQUIRING_SETTINGS.items() if raised_in(cause, folder)),
+                "these trainer settings",
+            )
+            return (
+                f"{setting} needs {requirement}, which is not installed: pip install -U "
+                f"'{requirement}', or choose what this machine has (trainer.accelerator: auto "
+                "picks it)"
+            )
+        if isinstance(cause, ArithmeticError | ValueError | TypeError) and raised_in(
+            cause, "/torch/optim/"
         ):
             return (
                 f"the optimiser or learning-rate scheduler refused its settings: {cause}. Fix "
@@ -94,10 +105,28 @@ def missing_extra(error: BaseException) -> str | None:
     return next((extra for module, extra in OPTIONAL_EXTRAS.items() if module in text), None)
 
 
-def raised_in_torch_optim(error: BaseException) -> bool:
-    """Whether ``error`` came from inside ``torch.optim`` (an optimiser checking its args)."""
+def raised_in(error: BaseException, folder: str) -> bool:
+    """Whether ``error`` came from inside the package ``folder`` (``/torch/optim/``: an
+    optimiser checking its args)."""
     frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and "/torch/optim/" in Path(frames[-1].filename).as_posix()
+    return bool(frames) and folder in Path(frames[-1].filename).as_posix()
+
+
+#: Where in Lightning a missing package is found out, by the trainer setting that needs it.
+REQUIRING_SETTINGS = {
+    "/lightning/fabric/accelerators/": "trainer.accelerator",
+    "/lightning/pytorch/accelerators/": "trainer.accelerator",
+    "/strategies/": "trainer.strategy",
+    "/plugins/precision/": "trainer.precision",
+}
+
+
+def unmet_requirement(error: BaseException) -> str | None:
+    """The package Lightning says is missing when a setting needs one that is not installed
+    (``--trainer.accelerator tpu`` without ``torch_xla``: "Requirement 'torch_xla>=1.13' not
+    met. HINT: ..."), or None."""
+    found = re.match(r"Requirement '([^']+)' not met", str(error))
+    return found.group(1) if isinstance(error, ModuleNotFoundError) and found else None
 
 
 def parser_message(message: str) -> str:
@@ -164,7 +193,10 @@ def check_config_file(path: Path) -> None:
     try:
         raw = path.read_bytes()
     except OSError as error:
-        raise ConfigError(f"config {path} cannot be read: {error.strerror}") from error
+        raise ConfigError(
+            f"config {path} cannot be read ({error.strerror}): give a config this user can "
+            f"read, e.g. fix its permissions (chmod a+r {path}) or copy it somewhere readable"
+        ) from error
     encoding = next((name for mark, name in BYTE_ORDER_MARKS.items() if raw.startswith(mark)), None)
     if encoding is not None:
         raise ConfigError(f"config {path} is {encoding} text; vaeflow reads UTF-8. {fix}")
