@@ -31,7 +31,7 @@ from typing_extensions import override
 from vaeflow.callbacks.tracking import CONFIG_FILE, run_dir
 from vaeflow.checkpointing import LAST, RUN_SETTINGS
 from vaeflow.errors import ConfigError, RunFolderError
-from vaeflow.utils import as_list
+from vaeflow.utils import as_list, causes
 
 #: Loggers whose runs live in ``<save_dir>/<name>/version_<n>``.
 VERSIONED = (CSVLogger, TensorBoardLogger)
@@ -270,14 +270,6 @@ def remove_empty_run_folders() -> None:
                 shutil.rmtree(folder)  # a run folder of this run's own
             else:
                 folder.rmdir()  # a parent, which other runs may be using
-
-
-def causes(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and the exceptions it was raised from or while handling."""
-    cause: BaseException | None = error
-    while cause is not None:
-        yield cause
-        cause = cause.__cause__ or cause.__context__
 
 
 def vanished(folder: Path, noticed: str) -> RunFolderError:

@@ -17,6 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from vaeflow.data.base import MAX_SEED
 from vaeflow.errors import ConfigError, VaeflowError
+from vaeflow.utils import causes
 
 #: Lines of jsonargparse's messages that describe its machinery rather than the mistake.
 PARSER_NOISE = re.compile(
@@ -31,8 +32,7 @@ OPTIONAL_EXTRAS = {"wandb": "wandb", "tensorboard": "tensorboard", "tensorboardX
 
 def explain(error: BaseException) -> str | None:
     """The message for an error the user can fix, or None for anything else (a bug)."""
-    cause: BaseException | None = error
-    while cause is not None:
+    for cause in causes(error):
         if isinstance(cause, VaeflowError):
             return str(cause)
         if isinstance(cause, ArgumentError):
@@ -81,7 +81,6 @@ def explain(error: BaseException) -> str | None:
                 "them under model.init_args.optimizer (or lr_scheduler) in the config, e.g. a "
                 "learning rate lr > 0"
             )
-        cause = cause.__cause__ or cause.__context__
     return None
 
 
