@@ -377,6 +377,10 @@ CASES: dict[str, Case] = {
     ),
     "batch_size 0": Case((*FIT, "--data.init_args.batch_size", "0"), "batch_size"),
     "val_fraction 1.5": Case((*FIT, "--data.init_args.val_fraction", "1.5"), "val_fraction"),
+    "eval_samples 1e8": Case(
+        (*FIT, "--model.init_args.eval_samples", "1e8"),
+        "without a point or exponent: 100000000",
+    ),
     "eval_samples taking days": Case(
         (*TEST, "--ckpt_path", CKPT, "--model.init_args.eval_samples", str(10**10)),
         "on the 359 test examples takes about",

@@ -151,6 +151,10 @@ def parser_message(message: str) -> str:
         close = difflib.get_close_matches(unknown.group(1), names, n=1)
         if close:
             text += f"\n  Did you mean '{close[0]}'?"
+    # YAML reads 1e8 as a float, which an integer option refuses
+    whole = re.search(r"Expected a int\. Got value: (\d+)\.0$", text, re.MULTILINE)
+    if whole:
+        text += f"\n  Write a whole number without a point or exponent: {whole.group(1)}"
     return text
 
 
