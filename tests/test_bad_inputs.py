@@ -10,7 +10,9 @@ are injected with ``monkeypatch``.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
+import io
 import os
 import random
 import re
@@ -178,6 +180,85 @@ def nan_in_validation(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     np.save(folder / "x.npy", values)
 
 
+def read_only(name: str) -> Setup:
+    """The folder ``name`` refuses writes as a read-only one refuses a user who is not root
+    (tests run as root, whom ``chmod`` does not stop): creating a folder or opening a file for
+    writing under it raises ``PermissionError``; reading works."""
+
+    def setup(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        target = folder / name
+        target.mkdir(exist_ok=True)
+
+        def deny(path: Any) -> None:
+            if Path(os.path.abspath(os.fsdecode(path))).is_relative_to(target):
+                raise PermissionError(13, "Permission denied", os.fsdecode(path))
+
+        def guarded(call: Callable[..., Any], writes: Callable[..., bool]) -> Callable[..., Any]:
+            def checked(path: Any, *args: Any, **kwargs: Any) -> Any:
+                if isinstance(path, str | bytes | os.PathLike) and writes(*args, **kwargs):
+                    deny(path)
+                return call(path, *args, **kwargs)
+
+            return checked
+
+        def opens_to_write(mode: str = "r", *args: Any, **kwargs: Any) -> bool:
+            return any(letter in mode for letter in "wax+")
+
+        def flags_write(flags: int, *args: Any, **kwargs: Any) -> bool:
+            return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+        monkeypatch.setattr(os, "mkdir", guarded(os.mkdir, lambda *a, **k: True))
+        monkeypatch.setattr(os, "open", guarded(os.open, flags_write))
+        monkeypatch.setattr(builtins, "open", guarded(builtins.open, opens_to_write))
+        monkeypatch.setattr(io, "open", guarded(io.open, opens_to_write))
+
+    return setup
+
+
+def unreadable(name: str) -> Setup:
+    """Reading the file ``name`` raises ``PermissionError``, as for a user without read
+    permission (tests run as root, whom ``chmod`` does not stop)."""
+
+    def setup(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        read_bytes = Path.read_bytes
+
+        def refuse(path: Path) -> bytes:
+            if path.resolve() == folder / name:
+                raise PermissionError(13, "Permission denied", str(path))
+            return read_bytes(path)
+
+        monkeypatch.setattr(Path, "read_bytes", refuse)
+
+    return setup
+
+
+def run_folder_deleted(hook: str) -> Setup:
+    """The run's folder is deleted (a cleanup script, a user) at the model's ``hook`` of the
+    first epoch: after its last batch (``on_train_epoch_end``, before the epoch's checkpoint)
+    or after its first (``on_train_batch_end``, before validation logs its metrics)."""
+
+    def setup(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from vaeflow.models import VAE
+
+        original = getattr(VAE, hook)
+
+        def delete_then_go_on(self: VAE, *args: Any) -> Any:
+            shutil.rmtree(self.trainer.log_dir, ignore_errors=True)
+            return original(self, *args)
+
+        monkeypatch.setattr(VAE, hook, delete_then_go_on)
+
+    return setup
+
+
+def quantised(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``x.pt``: a tensor of 8-bit integers with a scale, as ``torch.quantize_per_tensor``
+    makes them (deprecated by torch, so its warning is expected)."""
+    with pytest.warns(UserWarning, match="deprecated"):
+        data = torch.quantize_per_tensor(torch.randn(40, 3), 0.1, 0, torch.qint8)
+    torch.save(data, folder / "x.pt")
+
+
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefg", "bcdefgh", strict=True)
 )
@@ -208,6 +289,9 @@ CASES: dict[str, Case] = {
     "scalar config": Case(
         ("fit", "--config", "c.yaml"), "is a YAML scalar, not a mapping", write("c.yaml", "hi\n")
     ),
+    "unreadable config": Case(
+        ("fit", "--config", CONFIG), "cannot be read (Permission denied)", unreadable(CONFIG)
+    ),
     "missing config": Case(("fit", "--config", "nope.yaml"), "does not exist"),
     "config is a folder": Case(("fit", "--config", "runs"), "is not a file"),
     "misspelt option": Case(
@@ -220,6 +304,9 @@ CASES: dict[str, Case] = {
     "zero devices": Case((*FIT, "--trainer.devices", "0"), "refused the trainer settings"),
     "absent accelerator": Case(
         (*FIT, "--trainer.accelerator", "mps"), "refused the trainer settings"
+    ),
+    "accelerator tpu without torch_xla": Case(
+        (*FIT, "--trainer.accelerator", "tpu"), "trainer.accelerator needs torch_xla"
     ),
     "negative limit_train_batches": Case(
         (*FIT, "--trainer.limit_train_batches", "-1"), "limit_train_batches"
@@ -294,6 +381,14 @@ CASES: dict[str, Case] = {
     ),
     "batch_size 0": Case((*FIT, "--data.init_args.batch_size", "0"), "batch_size"),
     "val_fraction 1.5": Case((*FIT, "--data.init_args.val_fraction", "1.5"), "val_fraction"),
+    "eval_samples 1e8": Case(
+        (*FIT, "--model.init_args.eval_samples", "1e8"),
+        "without a point or exponent: 100000000",
+    ),
+    "eval_samples taking days": Case(
+        (*TEST, "--ckpt_path", CKPT, "--model.init_args.eval_samples", str(10**10)),
+        "on the 359 test examples takes about",
+    ),
     # -- data files --------------------------------------------------------------------------------
     "missing data file": Case((*ARRAY, "--data.path", "nope.npy"), "data file not found"),
     "data path is a folder": Case((*ARRAY, "--data.path", "runs"), "is a folder"),
@@ -354,6 +449,9 @@ CASES: dict[str, Case] = {
     ),
     ".pt of pickled objects": Case(
         (*ARRAY, "--data.path", "x.pt"), "objects other than tensors", saved("x.pt", Path("a"))
+    ),
+    "quantised .pt tensor": Case(
+        (*ARRAY, "--data.path", "x.pt"), "holds a quantised tensor (torch.qint8)", quantised
     ),
     "float64 data beyond float32": Case(
         (
@@ -463,6 +561,25 @@ CASES: dict[str, Case] = {
     "default_root_dir is a file": Case(
         (*FIT, "--trainer.default_root_dir", "f"), "is a file, not a folder", write("f", "x")
     ),
+    "runs read-only": Case(
+        FIT, "Permission denied: this user cannot write there", read_only("runs")
+    ),
+    "default_root_dir read-only": Case(
+        (*FIT, "--trainer.logger", "false", "--trainer.default_root_dir", "out"),
+        "in out: Permission denied: this user cannot write there. Choose another "
+        "trainer.default_root_dir",
+        read_only("out"),
+    ),
+    "run folder deleted before a checkpoint": Case(
+        FIT,
+        "was deleted while the run was going (found gone at epoch 0, step 2, before a checkpoint",
+        run_folder_deleted("on_train_epoch_end"),
+    ),
+    "run folder deleted before metrics are written": Case(
+        FIT,
+        "was deleted while the run was going (writing ",
+        run_folder_deleted("on_train_batch_end"),
+    ),
     "logger name of 5000 characters": Case(
         (*FIT, "--trainer.logger.init_args.name", "n" * 5000),
         "longer than the file system allows",
@@ -500,9 +617,15 @@ def earlier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def digests(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (links not followed) by its SHA-256."""
+    """Every file under ``folder`` (links not followed) by its SHA-256 (read with ``open``,
+    which :func:`unreadable` leaves alone)."""
+
+    def sha256(path: Path) -> str:
+        with open(path, "rb") as file:
+            return hashlib.sha256(file.read()).hexdigest()
+
     return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        str(path.relative_to(folder)): sha256(path)
         for path in sorted(folder.rglob("*"))
         if path.is_file() and not path.is_symlink()
     }

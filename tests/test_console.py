@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: The kinds of line a quickstart run may print (progress bar off).
@@ -169,3 +171,27 @@ def test_a_loaded_model_takes_what_users_hold_and_is_ready_for_inference(tmp_pat
             means, _ = loaded.posterior(x)
             assert means.numpy().shape == (5, 3)
             assert loaded.log_likelihood(x).numpy().shape == (5,)
+
+
+def test_a_long_evaluation_shows_its_importance_samples(silent_trainer, capsys, monkeypatch):
+    """An importance-weighted evaluation of minutes per batch shows how many of its samples
+    are done, not a batch count that stands still: here 8 examples of 64 values take 2,048
+    samples per chunk (:func:`~vaeflow.models.vae.samples_per_chunk`), so 6,144 samples take
+    three chunks, each shown; outside the evaluation the model reports to nothing."""
+    from torch.utils.data import DataLoader
+
+    from vaeflow.console import ProgressBar
+    from vaeflow.models import VAE
+    from vaeflow.models.vae import samples_per_chunk
+
+    monkeypatch.setattr(ProgressBar, "SAMPLES_REDRAW_SECONDS", 0.0)
+    torch.manual_seed(0)
+    model = VAE((64,), 2, eval_samples=6144)
+    data = DataLoader(torch.rand(8, 64).round(), batch_size=8)
+    assert samples_per_chunk(8, model.likelihood.num_outputs, torch.device("cpu")) == 2048
+    trainer = silent_trainer(enable_progress_bar=True, callbacks=[ProgressBar()])
+    trainer.test(model, data, verbose=False)
+    printed = "".join(capsys.readouterr())
+    shown = re.findall(r"importance samples ([\d,]+)/6,144", printed)
+    assert shown[:3] == ["2,048", "4,096", "6,144"], printed
+    assert model.sample_progress is None

@@ -469,6 +469,25 @@ def test_learned_scales_are_capped_so_they_cannot_overflow() -> None:
             LIKELIHOODS.get(name)(**bad)
 
 
+@pytest.mark.parametrize(
+    ("name", "option", "read"),
+    [
+        ("gaussian", "std", lambda likelihood: likelihood.scale()),
+        ("negative_binomial", "theta", lambda likelihood: likelihood.inverse_dispersion(None)),
+        (
+            "zero_inflated_negative_binomial",
+            "theta",
+            lambda likelihood: likelihood.inverse_dispersion(None),
+        ),
+    ],
+)
+@pytest.mark.parametrize("value", [0.0011, 1.0, 1000.0, 9999.0])
+def test_a_learned_scale_starts_where_asked_anywhere_in_its_range(name, option, read, value):
+    """``std=1000`` overflowed ``math.expm1`` in the inverse softplus of ``bind``."""
+    likelihood = bound_likelihood(name, **{option: value})
+    torch.testing.assert_close(read(likelihood), torch.full_like(read(likelihood), value))
+
+
 @pytest.mark.parametrize("name", LIKELIHOODS.names())
 def test_the_mean_is_the_expectation(name: str) -> None:
     """``mean`` is E[x | z] (the pictures and ``sample(mean=True)`` show it as that; every

@@ -214,12 +214,18 @@ class SignalAt(Callback):
     def on_test_batch_end(self, trainer: Trainer, *args: Any) -> None:
         self._at(trainer, "on_test_batch_end")
 
+    @override
+    def on_predict_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._at(trainer, "on_predict_batch_end")
 
-def signal_at(hook: str, times: int = 1, sanity: bool = False) -> tuple[str, ...]:
+
+def signal_at(
+    hook: str, times: int = 1, sanity: bool = False, signum: int = signal.SIGINT
+) -> tuple[str, ...]:
     return (
         "--trainer.callbacks+=" + f"{SignalAt.__module__}.SignalAt",
         *("--trainer.callbacks.init_args.hook", hook),
-        *("--trainer.callbacks.init_args.signum", str(int(signal.SIGINT))),
+        *("--trainer.callbacks.init_args.signum", str(int(signum))),
         *("--trainer.callbacks.init_args.times", str(times)),
         *("--trainer.callbacks.init_args.sanity", str(sanity).lower()),
     )
@@ -256,18 +262,23 @@ def test_sigint_outside_a_training_batch(tmp_path, monkeypatch, capsys, where, s
         assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("subcommand", ["test", "validate"])
-def test_sigint_while_evaluating_exits_130_with_one_line(
-    tmp_path, monkeypatch, capsys, subcommand
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_evaluating_exits_128_plus_it_with_one_line(
+    tmp_path, monkeypatch, capsys, subcommand, signum
 ) -> None:
+    """Ctrl+C (130) or SIGTERM (143) during ``vaeflow test``, ``validate`` or ``predict`` (whose
+    Lightning loop went on to the end after SIGTERM, exit 0); no new folder."""
     monkeypatch.chdir(tmp_path)
     assert fit("--config", QUICKSTART, *SHORT, "--trainer.max_steps", "1") == 0
     capsys.readouterr()
-    hook = "on_test_batch_end" if subcommand == "test" else "on_validation_batch_end"
+    hook = {"validate": "on_validation_batch_end"}.get(subcommand, f"on_{subcommand}_batch_end")
+    stop_at = signal_at(hook, signum=signum)
     with pytest.raises(SystemExit) as stop:
-        main([subcommand, "--config", QUICKSTART, *SHORT, *signal_at(hook), "--ckpt_path", "last"])
-    assert stop.value.code == 130
-    assert one_line(capsys.readouterr().err).endswith("interrupted by SIGINT; nothing was saved")
+        main([subcommand, "--config", QUICKSTART, *SHORT, *stop_at, "--ckpt_path", "last"])
+    assert stop.value.code == 128 + signum
+    said = one_line(capsys.readouterr().err)
+    assert said.endswith(f"interrupted by {signum.name}; nothing was saved"), said
     assert [run.name for run in (tmp_path / "runs" / "quickstart").iterdir()] == ["version_0"]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,13 +102,77 @@ class ProgressBar(TQDMProgressBar):
     """Lightning's bar with the model's training objective beside the step count: a VAE's ELBO
     (or importance-weighted bound) averaged over the epoch so far, an EM model's iteration and
     log-likelihood (or ELBO). It reads them from the model's ``progress()`` at each redraw,
-    and each model logs nothing more for it."""
+    and each model logs nothing more for it.
+
+    During validation and test, a model that reports its importance samples (the VAE's
+    ``sample_progress``) gets their count beside the batch count: with a large
+    ``eval_samples`` one batch takes minutes, and the batch count alone would stand still."""
+
+    #: The least time between two redraws of the sample count, in seconds.
+    SAMPLES_REDRAW_SECONDS = 0.5
 
     @override
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         progress = getattr(pl_module, "progress", None)
         objective = progress() if callable(progress) else {}
         return {**objective, **super().get_metrics(trainer, pl_module)}
+
+    @override
+    def on_validation_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        self._show_samples(pl_module, self.val_progress_bar)
+
+    @override
+    def on_test_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_test_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        self._show_samples(pl_module, self.test_progress_bar)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._show_samples(pl_module, None)
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_test_end(trainer, pl_module)
+        self._show_samples(pl_module, None)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._show_samples(pl_module, None)  # after an error, too
+
+    def _show_samples(self, pl_module: LightningModule, bar: Any) -> None:
+        """Point the model's ``sample_progress`` at ``bar`` (None: at nothing)."""
+        if not hasattr(pl_module, "sample_progress"):
+            return
+        if bar is None or not self.is_enabled:
+            pl_module.sample_progress = None
+            return
+        drawn = -math.inf
+
+        def show(done: int, asked: int) -> None:
+            nonlocal drawn
+            now = time.monotonic()
+            if now - drawn >= self.SAMPLES_REDRAW_SECONDS or done == asked:
+                drawn = now
+                bar.set_postfix_str(f"importance samples {done:,}/{asked:,}")
+
+        pl_module.sample_progress = show
 
 
 def closing_lines(trainer: Trainer, subcommand: str, folder: Path) -> list[str]:

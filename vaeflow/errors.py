@@ -19,3 +19,7 @@ class CheckpointError(VaeflowError, ValueError):
 
 class TrainingDiverged(VaeflowError, ArithmeticError):
     """Training produced non-finite or exploding parameters; the last good checkpoint is kept."""
+
+
+class RunFolderError(VaeflowError):
+    """The run's folder went away while the run was going (deleted, or its disk unmounted)."""

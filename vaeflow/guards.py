@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from vaeflow.checkpointing import LAST
@@ -149,7 +150,8 @@ class InterruptCheckpoint(Callback):
     - At an epoch's end the run stops before the next epoch starts, with the ``last.ckpt`` that
       Lightning wrote for the finished epoch.
     - Before training starts (start-up, the sanity check) and in ``validate``, ``test`` and
-      ``predict``: at once; nothing is saved, as nothing was trained.
+      ``predict``: at once (SIGTERM after the batch in progress); nothing is saved, as nothing
+      was trained.
     - A second signal stops at once, saving nothing.
 
     SIGTERM of a multi-process run is left to Lightning (it stops every process together).
@@ -226,6 +228,21 @@ class InterruptCheckpoint(Callback):
             f"{trainer.global_step}: "
             + (f"{last} holds it; --ckpt_path last resumes there" if last else "nothing saved"),
         )
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Stop at SIGTERM: Lightning's prediction loop, unlike its others, notes the signal
+        and predicts on to the end (exit 0)."""
+        if trainer.received_sigterm:
+            raise SIGTERMException
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -57,6 +57,7 @@ SAFETY_CALLBACKS = (
     "vaeflow.guards.DivergenceGuard",
     "vaeflow.guards.InterruptCheckpoint",
     "vaeflow.checkpointing.RandomState",
+    "vaeflow.runs.RunFolderGuard",
 )
 #: ``--ckpt_path`` values that name no file, which Lightning resolves without vaeflow's checkpoint
 #: reader: ``best`` of a fit in the same process (a command has none), ``hpc`` and ``registry``.

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -22,19 +23,24 @@ from typing import Any
 import yaml
 from jsonargparse import Namespace
 from jsonargparse.typing import import_object
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
-from vaeflow.callbacks.tracking import CONFIG_FILE
+from vaeflow.callbacks.tracking import CONFIG_FILE, run_dir
 from vaeflow.checkpointing import LAST, RUN_SETTINGS
-from vaeflow.errors import ConfigError
-from vaeflow.utils import as_list
+from vaeflow.errors import ConfigError, RunFolderError
+from vaeflow.utils import as_list, causes
 
 #: Loggers whose runs live in ``<save_dir>/<name>/version_<n>``.
 VERSIONED = (CSVLogger, TensorBoardLogger)
 #: The run folders this process created, so that a run refused before writing anything leaves
 #: no empty folder behind (:func:`empty_run_folders_removed_on_error`).
 CREATED: list[Path] = []
+#: The version folders this process claimed, so that a write that fails because one was
+#: deleted during the run says so (:func:`empty_run_folders_removed_on_error`).
+CLAIMED: list[Path] = []
 #: What a run writes before it starts: a folder holding only these is removed when the run is
 #: refused or crashes (:func:`empty_run_folders_removed_on_error`).
 SETTINGS_FILES = frozenset({CONFIG_FILE, "hparams.yaml"})
@@ -81,9 +87,16 @@ def claim_run_folders(trainer: Namespace) -> list[tuple[Namespace, int | str | N
         root, version = run_root(logger), logger.init_args.get("version")
         try:
             logger.init_args.version = claim(root, version)
+            check_writable(version_folder(root, logger.init_args.version))
         except OSError as error:
-            raise unusable_folder(Path(error.filename or root), error) from error
+            raise unusable_folder(Path(error.filename or root), error, LOGGER_FOLDER) from error
         remove_stale_temporaries(root)
+    root = trainer.get("default_root_dir")
+    if not loggers and root and "://" not in str(root):  # the run's folder itself
+        try:
+            prepare(Path(root))
+        except OSError as error:
+            raise unusable_folder(Path(error.filename or root), error, ROOT_FOLDER) from error
     os.environ[VERSIONS_VARIABLE] = json.dumps([logger.init_args.version for logger in loggers])
     return given
 
@@ -111,10 +124,24 @@ def check_folder_settings(trainer: Namespace) -> None:
         )
 
 
-def unusable_folder(path: Path, error: OSError) -> ConfigError:
-    """The message for a run folder that cannot be created at ``path``: what is in the way."""
+#: The settings that choose where a run's files go, as :func:`unusable_folder` names them.
+LOGGER_FOLDER = (
+    "trainer.logger.init_args.save_dir or name (runs go to <save_dir>/<name>/version_<n>)"
+)
+ROOT_FOLDER = "trainer.default_root_dir"
+#: What the system says when a folder cannot be written, whoever owns it.
+NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def unusable_folder(path: Path, error: OSError, setting: str) -> ConfigError:
+    """The message for a run folder that cannot be created or written at ``path``: what is in
+    the way, and the ``setting`` that chooses another folder."""
+    fix = "make that path a writable folder"
     if error.errno == errno.ENAMETOOLONG:
         why = "a folder name in it is longer than the file system allows (255 bytes)"
+    elif error.errno in NOT_WRITABLE:
+        why = f"{error.strerror}: this user cannot write there"
+        fix = "make it writable (its permissions, or a file system mounted read-only)"
     else:
         blocking = next((p for p in (path, *path.parents) if p.is_symlink() or p.is_file()), None)
         if blocking is not None and not blocking.exists():
@@ -124,10 +151,33 @@ def unusable_folder(path: Path, error: OSError) -> ConfigError:
         else:
             why = error.strerror or str(error)
     return ConfigError(
-        f"cannot create the run folder {str(path)[:200]}: {why}. Choose another "
-        "trainer.logger.init_args.save_dir or name (runs go to <save_dir>/<name>/version_<n>), "
-        "or make that path a writable folder"
+        f"cannot write the run's files in {str(path)[:200]}: {why}. Choose another {setting}, "
+        f"or {fix}"
     )
+
+
+def check_writable(folder: Path) -> None:
+    """Create and remove a file in ``folder``, so that a folder the run cannot write is found
+    before training, not at the first checkpoint an epoch later. Permissions cannot tell: root
+    passes them, and a file system mounted read-only refuses every user.
+
+    Raises:
+        OSError: the system's refusal.
+    """
+    try:
+        handle, name = tempfile.mkstemp(prefix=".vaeflow-write-test.", dir=folder)
+    except OSError as error:  # named by the folder, not by the probe's random name
+        raise type(error)(error.errno, error.strerror, str(folder)) from error
+    os.close(handle)
+    os.unlink(name)
+
+
+def prepare(folder: Path) -> None:
+    """Create ``folder`` (recording in CREATED the folders made) and check it is writable."""
+    missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    CREATED.extend(reversed(missing))
+    check_writable(folder)
 
 
 def restore_given_versions(given: list[tuple[Namespace, int | str | None]]) -> None:
@@ -144,7 +194,7 @@ def claim(root: Path, version: int | str | None) -> int | str:
     root.mkdir(parents=True, exist_ok=True)
     CREATED.extend(reversed(missing))
     if version is not None:
-        folder = root / (version if isinstance(version, str) else f"version_{version}")
+        folder = version_folder(root, version)
         try:
             create(folder)
         except FileExistsError:
@@ -165,38 +215,105 @@ def claim(root: Path, version: int | str | None) -> int | str:
     number = max(numbers, default=-1) + 1
     while True:
         try:
-            create(root / f"version_{number}")
+            create(version_folder(root, number))
             return number
         except FileExistsError:  # another run took it in the meantime
             number += 1
 
 
+def version_folder(root: Path, version: int | str) -> Path:
+    """``root/version_<n>`` for a number, ``root/<version>`` for a name."""
+    return root / (version if isinstance(version, str) else f"version_{version}")
+
+
 def create(folder: Path) -> None:
-    """``mkdir`` (atomic: raises FileExistsError if another run has it), recorded in CREATED."""
+    """``mkdir`` (atomic: raises FileExistsError if another run has it), recorded in CREATED
+    and CLAIMED."""
     folder.mkdir()
     CREATED.append(folder)
+    CLAIMED.append(folder)
 
 
 @contextmanager
 def empty_run_folders_removed_on_error() -> Iterator[None]:
     """Around a run: if it raises (a refusal, a crash, an interruption), remove the run folder it
     claimed if it holds nothing of a run (:func:`holds_nothing`), and the parents it created if
-    they are empty, so that a run refused before it
-    trained (a bad option, data file or checkpoint) leaves none. Any other file keeps its
-    folder: nothing a run produced is ever lost."""
+    they are empty, so that a run refused before it trained (a bad option, data file or
+    checkpoint) leaves none. Any other file keeps its folder: nothing a run produced is ever
+    lost. A write that failed because the claimed folder was deleted during the run becomes a
+    :class:`~vaeflow.errors.RunFolderError` saying so."""
     CREATED.clear()
+    CLAIMED.clear()
     try:
         yield
+    except Exception as error:
+        gone = next((folder for folder in CLAIMED if not folder.is_dir()), None)
+        failed = next((cause for cause in causes(error) if isinstance(cause, OSError)), None)
+        remove_empty_run_folders()
+        if gone is not None and failed is not None and not isinstance(error, RunFolderError):
+            raise vanished(gone, f"writing {failed.filename or 'a file'} failed") from error
+        raise
     except BaseException:
-        for folder in reversed(CREATED):
-            with suppress(OSError):  # holds files, or is gone
-                if folder.name.startswith("version_") and holds_nothing(folder):
-                    shutil.rmtree(folder)  # a run folder of this run's own
-                else:
-                    folder.rmdir()  # a parent, which other runs may be using
+        remove_empty_run_folders()
         raise
     finally:
         CREATED.clear()
+        CLAIMED.clear()
+
+
+def remove_empty_run_folders() -> None:
+    """Remove the folders in CREATED that hold nothing of a run (see
+    :func:`empty_run_folders_removed_on_error`)."""
+    for folder in reversed(CREATED):
+        with suppress(OSError):  # holds files, or is gone
+            if folder.name.startswith("version_") and holds_nothing(folder):
+                shutil.rmtree(folder)  # a run folder of this run's own
+            else:
+                folder.rmdir()  # a parent, which other runs may be using
+
+
+def vanished(folder: Path, noticed: str) -> RunFolderError:
+    """The message for a run folder deleted while the run was going (``noticed``: how)."""
+    last = folder / "checkpoints" / f"{LAST}.ckpt"
+    return RunFolderError(
+        f"the run folder {folder} was deleted while the run was going ({noticed}), so the run "
+        "stopped: writing on would leave a folder without the run's config and earlier "
+        "metrics, which --ckpt_path last could not continue. Start the run again (it gets a "
+        f"new folder); if the folder was moved rather than deleted, move it back and continue "
+        f"with --ckpt_path {last}"
+    )
+
+
+class RunFolderGuard(Callback):
+    """Stops a fit whose run folder was deleted while it was going, before it writes a
+    checkpoint: the checkpoint writer creates the folders it writes into, so the run would go
+    on into a new folder of the same name, holding later checkpoints without the run's config
+    and earlier metrics (and exit 0)."""
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        folder = run_dir(trainer)  # collective: every process calls it
+        self.folder = folder if trainer.is_global_zero else None
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The folder is watched once it exists (a W&B run's is created in setup)."""
+        if self.folder is not None and not self.folder.is_dir():
+            self.folder = None
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.folder is not None and not self.folder.is_dir():
+            raise vanished(
+                self.folder,
+                f"found gone at epoch {trainer.current_epoch}, step {trainer.global_step}, "
+                "before a checkpoint was written",
+            )
 
 
 def holds_nothing(folder: Path) -> bool:

@@ -17,6 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from vaeflow.data.base import MAX_SEED
 from vaeflow.errors import ConfigError, VaeflowError
+from vaeflow.utils import causes
 
 #: Lines of jsonargparse's messages that describe its machinery rather than the mistake.
 PARSER_NOISE = re.compile(
@@ -31,8 +32,7 @@ OPTIONAL_EXTRAS = {"wandb": "wandb", "tensorboard": "tensorboard", "tensorboardX
 
 def explain(error: BaseException) -> str | None:
     """The message for an error the user can fix, or None for anything else (a bug)."""
-    cause: BaseException | None = error
-    while cause is not None:
+    for cause in causes(error):
         if isinstance(cause, VaeflowError):
             return str(cause)
         if isinstance(cause, ArgumentError):
@@ -62,15 +62,25 @@ def explain(error: BaseException) -> str | None:
                 "for this machine. Choose smaller sizes (latent_dim, hidden widths, batch_size, "
                 "num_samples, eval_samples)"
             )
-        if isinstance(cause, ArithmeticError | ValueError | TypeError) and raised_in_torch_optim(
-            cause
+        requirement = unmet_requirement(cause)
+        if requirement is not None:
+            setting = next(
+                (name for folder, name in REQUIRING_SETTINGS.items() if raised_in(cause, folder)),
+                "these trainer settings",
+            )
+            return (
+                f"{setting} needs {requirement}, which is not installed: pip install -U "
+                f"'{requirement}', or choose what this machine has (trainer.accelerator: auto "
+                "picks it)"
+            )
+        if isinstance(cause, ArithmeticError | ValueError | TypeError) and raised_in(
+            cause, "/torch/optim/"
         ):
             return (
                 f"the optimiser or learning-rate scheduler refused its settings: {cause}. Fix "
                 "them under model.init_args.optimizer (or lr_scheduler) in the config, e.g. a "
                 "learning rate lr > 0"
             )
-        cause = cause.__cause__ or cause.__context__
     return None
 
 
@@ -94,10 +104,28 @@ def missing_extra(error: BaseException) -> str | None:
     return next((extra for module, extra in OPTIONAL_EXTRAS.items() if module in text), None)
 
 
-def raised_in_torch_optim(error: BaseException) -> bool:
-    """Whether ``error`` came from inside ``torch.optim`` (an optimiser checking its args)."""
+def raised_in(error: BaseException, folder: str) -> bool:
+    """Whether ``error`` came from inside the package ``folder`` (``/torch/optim/``: an
+    optimiser checking its args)."""
     frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and "/torch/optim/" in Path(frames[-1].filename).as_posix()
+    return bool(frames) and folder in Path(frames[-1].filename).as_posix()
+
+
+#: Where in Lightning a missing package is found out, by the trainer setting that needs it.
+REQUIRING_SETTINGS = {
+    "/lightning/fabric/accelerators/": "trainer.accelerator",
+    "/lightning/pytorch/accelerators/": "trainer.accelerator",
+    "/strategies/": "trainer.strategy",
+    "/plugins/precision/": "trainer.precision",
+}
+
+
+def unmet_requirement(error: BaseException) -> str | None:
+    """The package Lightning says is missing when a setting needs one that is not installed
+    (``--trainer.accelerator tpu`` without ``torch_xla``: "Requirement 'torch_xla>=1.13' not
+    met. HINT: ..."), or None."""
+    found = re.match(r"Requirement '([^']+)' not met", str(error))
+    return found.group(1) if isinstance(error, ModuleNotFoundError) and found else None
 
 
 def parser_message(message: str) -> str:
@@ -123,6 +151,10 @@ def parser_message(message: str) -> str:
         close = difflib.get_close_matches(unknown.group(1), names, n=1)
         if close:
             text += f"\n  Did you mean '{close[0]}'?"
+    # YAML reads 1e8 as a float, which an integer option refuses
+    whole = re.search(r"Expected a int\. Got value: (\d+)\.0$", text, re.MULTILINE)
+    if whole:
+        text += f"\n  Write a whole number without a point or exponent: {whole.group(1)}"
     return text
 
 
@@ -164,7 +196,10 @@ def check_config_file(path: Path) -> None:
     try:
         raw = path.read_bytes()
     except OSError as error:
-        raise ConfigError(f"config {path} cannot be read: {error.strerror}") from error
+        raise ConfigError(
+            f"config {path} cannot be read ({error.strerror}): give a config this user can "
+            f"read, e.g. fix its permissions (chmod a+r {path}) or copy it somewhere readable"
+        ) from error
     encoding = next((name for mark, name in BYTE_ORDER_MARKS.items() if raw.startswith(mark)), None)
     if encoding is not None:
         raise ConfigError(f"config {path} is {encoding} text; vaeflow reads UTF-8. {fix}")

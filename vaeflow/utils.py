@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,6 +21,14 @@ def as_list(value: T | list[T] | None) -> list[T]:
     if value is None:
         return []
     return value if isinstance(value, list) else [value]
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, outermost first."""
+    cause: BaseException | None = error
+    while cause is not None:
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 def at_least_float32(outputs: Tensor) -> Tensor:

@@ -149,6 +149,14 @@ def bounded_scale(raw: Tensor, low: float, high: float) -> Tensor:
     return (F.softplus(raw) + low).clamp(max=high)
 
 
+def raw_for_scale(scale: float, low: float) -> float:
+    """The ``raw`` whose :func:`bounded_scale` is ``scale`` (below the cap): the inverse
+    softplus of ``scale - low``, as y + log(1 - e^-y), which unlike log(e^y - 1) does not
+    overflow for a scale anywhere in a range capped at 1e4."""
+    excess = scale - low
+    return excess + math.log(-math.expm1(-excess))
+
+
 def check_scale_range(name: str, low: float, high: float) -> None:
     """Refuse a scale range that is empty or not positive."""
     if not 0 < low < high < math.inf:
@@ -261,10 +269,7 @@ class GaussianLikelihood(Likelihood):
             self.register_buffer("raw_std", torch.tensor(float(self.std)), persistent=False)
             return
         shape = self.event_shape if self.variance == "per_dimension" else ()
-        # inverse softplus, so that the initial standard deviation is ``std``: y + log(1 - e^-y),
-        # which unlike log(e^y - 1) does not overflow for a large std
-        excess = self.std - self.min_std
-        initial = excess + math.log(-math.expm1(-excess))
+        initial = raw_for_scale(self.std, self.min_std)  # the initial std is ``std``
         self.raw_std = nn.Parameter(torch.full(shape, initial))
 
     def scale(self) -> Tensor:

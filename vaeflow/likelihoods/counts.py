@@ -12,7 +12,6 @@ log mu = log s + eta): the latent code then describes composition, not sequencin
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -27,7 +26,7 @@ from torch.distributions import (
 )
 
 from vaeflow.errors import ConfigError
-from vaeflow.likelihoods import Likelihood, bounded_scale, check_scale_range
+from vaeflow.likelihoods import Likelihood, bounded_scale, check_scale_range, raw_for_scale
 from vaeflow.registry import register_likelihood
 
 #: bound of a log mean: e^25 = 7e10 counts; e^-25 = 1e-11, so that a diverging run can neither
@@ -151,8 +150,7 @@ class NegativeBinomialLikelihood(CountLikelihood):
     def bind(self, event_shape: tuple[int, ...]) -> None:
         super().bind(event_shape)
         if self.dispersion == "feature":
-            # inverse softplus, so that the initial theta is ``theta``
-            initial = math.log(math.expm1(self.theta - self.theta_range[0]))
+            initial = raw_for_scale(self.theta, self.theta_range[0])  # the initial theta
             self.raw_theta = nn.Parameter(torch.full(self.event_shape, initial))
 
     def inverse_dispersion(self, params: Tensor) -> Tensor:

@@ -321,6 +321,10 @@ class VAE(ReadyForInference, SteppedModule):
         self._means = {stage: EpochMeans() for stage in ("train", "val", "test")}
         #: set at setup when the data module's examples are pictures (:mod:`vaeflow.image_quality`)
         self._image_geometry: ImageGeometry | None = None
+        #: told (samples done, samples asked) after each chunk of :meth:`log_likelihood`: the
+        #: console's progress bar sets it while it shows an evaluation, which may spend minutes
+        #: in one batch
+        self.sample_progress: Callable[[int, int], None] | None = None
 
     # -- the model --------------------------------------------------------------------------------
 
@@ -519,6 +523,8 @@ class VAE(ReadyForInference, SteppedModule):
                 z = posterior.sample((min(chunk_size, num_samples - start),))
                 chunk = self.log_weights(x, z, posterior, condition).logsumexp(0)
                 total = chunk if total is None else torch.logaddexp(total, chunk)
+                if self.sample_progress is not None:
+                    self.sample_progress(start + len(z), num_samples)
         return total - math.log(num_samples)
 
     def sample(
