@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from vaeflow.data.base import InMemoryDataModule, Split, check_fraction
 from vaeflow.data.preprocess import Array
+from vaeflow.data.stream import too_large_for_memory
 from vaeflow.errors import DataError
 
 
@@ -225,6 +226,11 @@ class ArrayDataModule(InMemoryDataModule):
             seed), for ``vaeflow test``; 0 keeps them all for training and validation.
         scale: map the data to [0, 1] (uint8 by the pixel range, other data by their minimum and
             maximum); by default only uint8 data are scaled.
+        stream: read every batch from the memory-mapped ``.npy`` file instead of copying the
+            data into memory, for files larger than memory: resident memory stays at a few
+            batches. Values are then taken as stored (uint8 pixels scaled by their range), and
+            NaN or infinities are found batch by batch. None (the default) streams ``.npy``
+            files larger than a quarter of the machine's memory.
         **kwargs: the options of :class:`~vaeflow.data.base.InMemoryDataModule`.
     """
 
@@ -235,6 +241,7 @@ class ArrayDataModule(InMemoryDataModule):
         test_path: str | None = None,
         test_fraction: float = 0.0,
         scale: bool | None = None,
+        stream: bool | None = None,
         **kwargs: Any,
     ) -> None:
         check_fraction("test_fraction", test_fraction)
@@ -252,6 +259,16 @@ class ArrayDataModule(InMemoryDataModule):
         super().__init__(scale=pixels if scale is None else scale, **kwargs)
         self.test_fraction = test_fraction
         self.value_range = (0, 255) if pixels else None
+        mapped = [isinstance(self._array(file), np.memmap) for file in files]
+        if stream and not all(mapped):
+            other = files[mapped.index(False)]
+            raise DataError(
+                f"stream reads batches from a memory-mapped .npy file, and {other} is not one"
+                ": save the data with numpy.save (a .npy file), or set stream: false"
+            )
+        self.stream = all(mapped) and (
+            stream if stream is not None else too_large_for_memory(self._array(self.path))
+        )
 
     def _array(self, path: Path) -> Array:
         """The file's array, read once (memory-mapped for ``.npy``: only its header so far)."""

@@ -23,6 +23,7 @@ from vaeflow.data.preprocess import (
     storage_dtype,
     take,
 )
+from vaeflow.data.stream import MappedRows, Prepare
 from vaeflow.errors import DataError
 
 Split = Literal["train", "val", "test"]
@@ -89,6 +90,10 @@ class InMemoryDataModule(LightningDataModule):
     value_range: tuple[int, int] | None = None
     #: Fraction of the examples carved off as a fixed test split when :meth:`load` gives none.
     test_fraction: float = 0.0
+    #: Whether the splits stay on disk and each batch is read from the memory-mapped arrays
+    #: that :meth:`load` returns (:class:`~vaeflow.data.stream.MappedRows`), for data larger
+    #: than memory; otherwise each split is copied into memory once.
+    stream: bool = False
 
     def __init__(
         self,
@@ -119,8 +124,9 @@ class InMemoryDataModule(LightningDataModule):
         self.binarize = binarize
         self.flatten = flatten
         self.condition = condition
-        #: The prepared examples of each split (train, val, test), as the model sees them.
-        self.splits: dict[Split, Tensor] = {}
+        #: The prepared examples of each split (train, val, test), as the model sees them (rows
+        #: read from disk batch by batch where the data module streams them).
+        self.splits: dict[Split, Tensor | MappedRows] = {}
         #: The row numbers of each split's examples in the data they came from (the training
         #: data for train and val, and for a carved test split; else the test data).
         self.indices: dict[Split, Tensor] = {}
@@ -216,7 +222,11 @@ class InMemoryDataModule(LightningDataModule):
             return float(self.value_range[0]), float(self.value_range[1])
         if self._bounds is None:
             self.setup()
-        assert self._bounds is not None
+        if self._bounds is None:  # streamed data are never read whole
+            raise DataError(
+                f"{type(self).__name__} streams its data from disk, so their range is unknown: "
+                "scale the file's values before training, or set stream: false"
+            )
         return self._bounds
 
     # -- setting up ----------------------------------------------------------------------------
@@ -238,6 +248,9 @@ class InMemoryDataModule(LightningDataModule):
         default_dtype = torch.get_default_dtype()
         if test is not None:
             rows["test"] = torch.arange(len(test))
+        if self.stream:
+            self._stream_splits(origin, rows)
+            return
         splits = {
             split: take(
                 origin[split],
@@ -272,6 +285,55 @@ class InMemoryDataModule(LightningDataModule):
             for index, split in enumerate(SPLITS)
         }
 
+    def _stream_splits(self, origin: dict[Split, Array], rows: dict[Split, Tensor]) -> None:
+        """Splits that read their batches from the memory-mapped files, each batch checked and
+        transformed as it is read. Their values are never all seen at once, so only value
+        transformations that need no pass over the data are possible."""
+        noise = [name for name in ("dequantize", "binarize") if getattr(self, name) != "none"]
+        if noise or (self.scale and self.value_range is None):
+            options = ", ".join(f"{name}: {getattr(self, name)}" for name in noise) or "scale: true"
+            raise DataError(
+                f"{type(self).__name__} streams its data from disk (stream), which takes the "
+                f"values as stored: {options} needs them in memory. Transform the file first, "
+                "or set stream: false if it fits in memory"
+            )
+        for split, array in origin.items():
+            if not isinstance(array, np.memmap):
+                raise DataError(
+                    f"{self.source(split)} is not a memory-mapped .npy file, which stream needs: "
+                    "save it with numpy.save, or set stream: false"
+                )
+        default_dtype = torch.get_default_dtype()
+        self.indices = rows
+        self.splits = {
+            split: MappedRows(
+                origin[split],
+                rows[split],
+                # levels of a known grid (pixels) are exact in any float type
+                storage_dtype(origin[split]) if self.value_range is None else default_dtype,
+                self._prepare_streamed(split),
+            )
+            for split in SPLITS
+        }
+
+    def _prepare_streamed(self, split: Split) -> Prepare:
+        """What a streamed batch of ``split`` goes through: the finiteness check (which names
+        the file's rows) and the scaling of a known range, as :meth:`setup` does for a split
+        in memory."""
+        missing = (
+            getattr(self.model, "missing_values", None),
+            getattr(self.model, "missing_values_advice", ""),
+        )
+        # without a known range the values are taken as stored (_stream_splits)
+        low, high = self.value_range or (0, 0)
+        unused = random_stream(self.seed, Stream.STATIC_NOISE, SPLITS.index(split))  # no noise
+
+        def prepare(batch: Tensor, rows: Tensor) -> Tensor:
+            finite_bounds([(split, batch, rows)], self.source(split), *missing)
+            return self.preprocessing.apply(batch, low, high, unused)
+
+        return prepare
+
     @property
     def model(self) -> LightningModule | None:
         """The model of the Trainer this data module is attached to, if any: some of its class
@@ -303,14 +365,14 @@ class InMemoryDataModule(LightningDataModule):
 
     # -- serving batches -----------------------------------------------------------------------
 
-    def batch_rows(self, data: Tensor) -> tuple[int, bool]:
+    def batch_rows(self, data: Tensor | MappedRows) -> tuple[int, bool]:
         """Examples per batch and whether training shuffles. A model with ``order_free_passes``
         (its passes are sums over examples, e.g. EM) reads views in the stored order, in
         batches of about ``ORDER_FREE_BATCH_BYTES`` whatever ``batch_size``: per-batch costs
         (Python, kernel launches, small matrix products) then vanish."""
         if not getattr(self.model, "order_free_passes", False):
             return self.batch_size, self.shuffle
-        example_bytes = data[0].numel() * data.element_size()
+        example_bytes = math.prod(data.shape[1:]) * data.dtype.itemsize
         return max(1, ORDER_FREE_BATCH_BYTES // example_bytes), False
 
     def _loader(self, split: Split) -> TensorLoader:
@@ -322,8 +384,8 @@ class InMemoryDataModule(LightningDataModule):
                 f"{type(self).__name__} has no {split} examples: {self.missing_split_advice(split)}"
             )
         batch_size, shuffle = self.batch_rows(data)
-        low, high = self.bounds
-        noise = self.preprocessing.batch_noise(low, high)
+        # streamed data have no noise (_stream_splits)
+        noise = None if self.stream else self.preprocessing.batch_noise(*self.bounds)
         if split != "train" and noise is not None:
             data, noise = self._noised_once(split, data, noise), None
         trainer = self.trainer

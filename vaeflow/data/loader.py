@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vaeflow.data.stream import MappedRows
 from vaeflow.errors import DataError
 
 #: Per-batch noise: ``(batch, generator) -> noisy batch``.
@@ -131,7 +132,7 @@ class TensorLoader:
     model's for the two cores and made whole epochs up to 1.7x slower.)
 
     Args:
-        data: the examples, ``(N, *dims)``.
+        data: the examples, ``(N, *dims)``, in memory or read from disk batch by batch.
         batch_size: examples per batch (per process).
         shuffle: a new order every epoch (see :class:`ShardSampler`).
         transform: per-batch noise (dynamic binarisation or dequantisation).
@@ -148,7 +149,7 @@ class TensorLoader:
 
     def __init__(
         self,
-        data: Tensor,
+        data: Tensor | MappedRows,
         batch_size: int,
         shuffle: bool = False,
         transform: Transform | None = None,

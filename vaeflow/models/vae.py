@@ -768,8 +768,9 @@ class VAE(ReadyForInference, SteppedModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         splits = getattr(datamodule, "splits", {})
         for split, data in splits.items():
-            self.likelihood.check_support(data)
-            check_representable(data, self.dtype, f"the {split} split")
+            if isinstance(data, Tensor):  # streamed splits are never read whole
+                self.likelihood.check_support(data)
+                check_representable(data, self.dtype, f"the {split} split")
         batch_size = getattr(datamodule, "batch_size", None)
         if stage == "fit" and isinstance(batch_size, int):
             # each sample of each example holds the decoder's outputs and the latent code,
