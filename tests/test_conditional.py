@@ -1,6 +1,8 @@
 """Conditional VAEs: the condition appended to any net's input, the data modules' (examples,
 one-hot labels) batches, sampling and predicting under a chosen condition, and clear errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,103 @@ def test_a_vae_whose_condition_dim_differs_from_the_data_is_refused(silent_train
     data = DigitsDataModule(condition="labels")
     with pytest.raises(ConfigError, match="condition_dim: 10"):
         silent_trainer().fit(VAE(data.dims), datamodule=data)
+
+
+# -- a condition from a table's column ----------------------------------------------------------
+
+
+def batch_table(path, batches: list[str], rows: int = 60, seed: int = 0):
+    """A CSV file with a header: features ``row`` (the row number) and ``x1``, ``x2``, and a
+    ``batch`` column between them drawn from ``batches``; returns the batch of every row."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(batches, size=rows)
+    lines = ["row,x1,batch,x2"]
+    lines += [f"{i},{rng.normal():.6f},{b},{rng.normal():.6f}" for i, b in enumerate(chosen)]
+    path.write_text("\n".join(lines) + "\n")
+    return chosen
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_table_column_conditions_every_example_row_for_row(tmp_path, shuffle: bool) -> None:
+    """Each batch pairs every row with the one-hot of its own ``batch`` cell, in every split;
+    the column is not a feature; numbers are categories in numeric order."""
+    chosen = batch_table(tmp_path / "t.csv", ["10", "2", "7"])
+    data = ArrayDataModule(
+        str(tmp_path / "t.csv"),
+        condition="batch",
+        batch_size=8,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        shuffle=shuffle,
+    )
+    assert data.dims == (3,) and data.feature_names == ["row", "x1", "x2"]
+    assert data.condition_categories == ["2", "7", "10"] and data.condition_dim == 3
+    seen = []
+    for loader in (data.train_dataloader(), data.val_dataloader(), data.test_dataloader()):
+        for x, condition in loader:
+            rows = x[:, 0].long().numpy()
+            expected = [data.condition_categories.index(b) for b in chosen[rows]]
+            torch.testing.assert_close(condition, F.one_hot(torch.tensor(expected), 3).float())
+            seen.extend(rows)
+    assert sorted(seen) == list(range(60))
+
+
+def test_a_text_column_and_a_test_file_use_the_training_categories(tmp_path) -> None:
+    batch_table(tmp_path / "train.csv", ["lab_b", "lab_a"])
+    test_batches = batch_table(tmp_path / "test.csv", ["lab_b"], rows=5, seed=1)
+    data = ArrayDataModule(
+        str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), condition="batch"
+    )
+    assert data.condition_categories == ["lab_a", "lab_b"]
+    assert (test_batches == "lab_b").all()
+    assert data.conditions("test").argmax(1).tolist() == [1] * 5
+    batch_table(tmp_path / "test.csv", ["lab_c"], rows=5)
+    unseen = ArrayDataModule(
+        str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), condition="batch"
+    )
+    with pytest.raises(DataError, match="condition 'lab_c', which the training data do not"):
+        unseen.condition_dim  # noqa: B018
+
+
+def test_an_unknown_or_impossible_condition_column_is_explained(tmp_path) -> None:
+    batch_table(tmp_path / "t.csv", ["a", "b"])
+    with pytest.raises(DataError, match="no column 'donor' to condition on; its columns are: row"):
+        ArrayDataModule(str(tmp_path / "t.csv"), condition="donor")
+    np.savetxt(tmp_path / "plain.csv", np.ones((4, 2)), delimiter=",")
+    with pytest.raises(DataError, match=r"first line of .* is a row of numbers: add a header"):
+        ArrayDataModule(str(tmp_path / "plain.csv"), condition="batch")
+    np.save(tmp_path / "x.npy", np.ones((4, 2)))
+    with pytest.raises(DataError, match=r"condition: batch names a column, and .* has none"):
+        ArrayDataModule(str(tmp_path / "x.npy"), condition="batch")
+    (tmp_path / "gap.csv").write_text("x,batch\n1,a\n2,\n")
+    with pytest.raises(DataError, match=r"empty cell in column 'batch' \(data row 2\)"):
+        ArrayDataModule(str(tmp_path / "gap.csv"), condition="batch").condition_dim  # noqa: B018
+
+
+def test_a_conditional_vae_trains_on_a_table_column_from_a_yaml(tmp_path, monkeypatch) -> None:
+    """`vaeflow fit` with ``condition: batch`` and the matching ``condition_dim``; predict
+    writes each example as if from batch 0."""
+    from vaeflow.cli import main
+
+    batch_table(tmp_path / "t.csv", ["a", "b", "c"])
+    (tmp_path / "cvae.yaml").write_text(
+        "model:\n"
+        "  class_path: vaeflow.models.VAE\n"
+        "  init_args: {latent_dim: 2, likelihood: gaussian, condition_dim: 3,"
+        " predict_condition: 0}\n"
+        "data:\n"
+        "  class_path: vaeflow.data.ArrayDataModule\n"
+        "  init_args: {path: t.csv, condition: batch, batch_size: 20}\n"
+        "trainer:\n"
+        "  max_epochs: 2\n"
+        "  enable_progress_bar: false\n"
+        "  logger:\n"
+        "    class_path: lightning.pytorch.loggers.CSVLogger\n"
+        "    init_args: {save_dir: runs, name: cvae}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", "cvae.yaml"])
+    checkpoint = "runs/cvae/version_0/checkpoints/last.ckpt"
+    main(["predict", "--config", "cvae.yaml", "--ckpt_path", checkpoint])
+    latents = torch.load(next(Path(".").rglob("latents.pt")))
+    assert latents["counterfactuals"].shape == (54, 3)  # the training split: 60 less a tenth

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import pickle
@@ -121,9 +122,82 @@ def _number_or_nan(field: str) -> float:
     return float(field) if field.strip() else math.nan
 
 
-def _read_csv(path: Path, key: str | None) -> Array:
-    """The numbers of a CSV file; empty cells are NaN (missing values), which only a model
-    that takes them accepts (:meth:`ArrayDataModule.load`)."""
+def column_number(path: Path, column: str) -> int:
+    """Where a CSV file's header has ``column``.
+
+    Raises:
+        DataError: the file has no header, or no column of that name (the message lists them).
+    """
+    header = csv_header(path)
+    if header is None:
+        raise DataError(
+            f"condition: {column} names a column, but the first line of {path} is a row of "
+            "numbers: add a header line naming the columns"
+        )
+    if column not in header:
+        raise DataError(
+            f"{path} has no column {column!r} to condition on; its columns are: {', '.join(header)}"
+        )
+    return header.index(column)
+
+
+def read_cells(path: Path, column: str) -> np.ndarray:
+    """The cells of one column of a CSV file with a header, as text (a category each).
+
+    Raises:
+        DataError: the column is missing, or one of its cells is empty.
+    """
+    cells = np.char.strip(
+        np.loadtxt(
+            path,
+            dtype=str,
+            delimiter=",",
+            skiprows=1,
+            usecols=[column_number(path, column)],
+            ndmin=1,
+            encoding="utf-8-sig",
+        )
+    )
+    empty = np.flatnonzero(cells == "")
+    if len(empty):
+        raise DataError(
+            f"{path} has an empty cell in column {column!r} (data row {empty[0] + 1}): every "
+            "example needs its condition; fill it or drop the row"
+        )
+    return cells
+
+
+def categories_of(cells: np.ndarray) -> np.ndarray:
+    """The distinct cells in order: by value where all are numbers (2 before 10), else as text."""
+    distinct = np.unique(cells)
+    if all(_is_number(cell) for cell in distinct):
+        distinct = distinct[np.argsort(distinct.astype(float), kind="stable")]
+    return distinct
+
+
+def encode(cells: np.ndarray, categories: np.ndarray, source: Path) -> np.ndarray:
+    """Each cell's position in ``categories``.
+
+    Raises:
+        DataError: a cell is none of the categories (a test file's batch not seen in training).
+    """
+    order = np.argsort(categories)
+    ordered = categories[order]
+    found = np.searchsorted(ordered, cells).clip(max=len(ordered) - 1)
+    unknown = ordered[found] != cells
+    if unknown.any():
+        raise DataError(
+            f"{source} has the condition {str(cells[unknown][0])!r}, which the training data "
+            f"do not have (they have: {', '.join(categories[:20])}): a model cannot be conditioned on "
+            "a category it was not trained with"
+        )
+    return order[found]
+
+
+def _read_csv(path: Path, key: str | None, without: str | None = None) -> Array:
+    """The numbers of a CSV file, without the column ``without`` (a condition's); empty cells
+    are NaN (missing values), which only a model that takes them accepts
+    (:meth:`ArrayDataModule.load`)."""
     header = csv_header(path)
     options: dict[str, Any] = {
         "delimiter": ",",
@@ -131,6 +205,9 @@ def _read_csv(path: Path, key: str | None) -> Array:
         "ndmin": 2,
         "encoding": "utf-8-sig",
     }
+    if without is not None:
+        skipped = column_number(path, without)
+        options["usecols"] = [i for i in range(len(header or ())) if i != skipped]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # "is empty" below
         try:
@@ -166,7 +243,7 @@ READERS: dict[str, Callable[[Path, str | None], Array]] = {
 }
 
 
-def read_array(path: Path, key: str | None = None) -> Array:
+def read_array(path: Path, key: str | None = None, without: str | None = None) -> Array:
     """Read and check one array of examples, one per row: shape ``(N, ...)``, numeric (the data
     module checks that the values are finite as it copies them).
 
@@ -174,6 +251,7 @@ def read_array(path: Path, key: str | None = None) -> Array:
         path: the file; its extension picks the reader.
         key: which array of a ``.npz`` file or of a ``.pt`` file's dict (ignored by the formats
             that hold one array).
+        without: a column of a CSV file with a header to leave out (a condition's).
 
     Raises:
         DataError: the file is missing, unreadable, or not a non-empty numeric (N, ...) array.
@@ -185,6 +263,14 @@ def read_array(path: Path, key: str | None = None) -> Array:
         raise DataError(
             f"{path}: unsupported file type {path.suffix!r}; supported: {', '.join(READERS)}"
         )
+    if without is not None:
+        if reader is not _read_csv:
+            raise DataError(
+                f"condition: {without} names a column, and {path} has none: a column to "
+                "condition on is one of a CSV file with a header (condition takes none, "
+                "labels or a column's name)"
+            )
+        reader = functools.partial(_read_csv, without=without)
     try:
         array = reader(path, key)
     except DataError:
@@ -212,6 +298,10 @@ def read_array(path: Path, key: str | None = None) -> Array:
 class ArrayDataModule(InMemoryDataModule):
     """Data from a file of the user's: ``.npy``, ``.npz``, ``.pt`` (a tensor or a dict of
     tensors) or ``.csv`` (numbers, comma-separated, an optional header row).
+
+    In a CSV file with a header, ``condition`` may name a column (a batch, a site: numbers or
+    text): its categories, in :attr:`condition_categories` order, become one-hot conditions of
+    a conditional VAE, and the column is not among the features.
 
     Rows are examples. ``uint8`` data are taken as pixels in 0..255 and scaled to [0, 1]; other
     data stay in their own units unless ``scale`` is set. Every row is used for training unless
@@ -242,6 +332,7 @@ class ArrayDataModule(InMemoryDataModule):
         test_fraction: float = 0.0,
         scale: bool | None = None,
         stream: bool | None = None,
+        condition: str = "none",
         **kwargs: Any,
     ) -> None:
         check_fraction("test_fraction", test_fraction)
@@ -253,10 +344,14 @@ class ArrayDataModule(InMemoryDataModule):
         self.path = Path(path).expanduser()
         self.key = key
         self.test_path = None if test_path is None else Path(test_path).expanduser()
+        #: The CSV column whose categories are the condition (None: the condition is none or
+        #: the class labels).
+        self.condition_column = None if condition in ("none", "labels") else condition
         self._raw: dict[Path, Array] = {}
+        self._cells: dict[Path, np.ndarray] = {}
         files = [self.path] if self.test_path is None else [self.path, self.test_path]
         pixels = all(str(self._array(file).dtype).endswith("uint8") for file in files)
-        super().__init__(scale=pixels if scale is None else scale, **kwargs)
+        super().__init__(scale=pixels if scale is None else scale, condition=condition, **kwargs)
         self.test_fraction = test_fraction
         self.value_range = (0, 255) if pixels else None
         mapped = [isinstance(self._array(file), np.memmap) for file in files]
@@ -273,8 +368,37 @@ class ArrayDataModule(InMemoryDataModule):
     def _array(self, path: Path) -> Array:
         """The file's array, read once (memory-mapped for ``.npy``: only its header so far)."""
         if path not in self._raw:
-            self._raw[path] = read_array(path, self.key)
+            self._raw[path] = read_array(path, self.key, self.condition_column)
         return self._raw[path]
+
+    def _column(self, path: Path) -> np.ndarray:
+        """The condition column's cells of a file, read once."""
+        assert self.condition_column is not None
+        if path not in self._cells:
+            self._cells[path] = read_cells(path, self.condition_column)
+        return self._cells[path]
+
+    @property
+    def condition_categories(self) -> list[str]:
+        """The condition column's categories; condition k (``predict_condition: k``, row k of
+        a one-hot ``condition``) is the k-th. Numbers are in numeric order, text in text order.
+        """
+        if self.condition_column is None:
+            raise DataError(f"condition: {self.condition} is not a column of {self.path}")
+        return categories_of(self._column(self.path)).tolist()
+
+    @override
+    def load_condition(self) -> tuple[Tensor, Tensor | None, int]:
+        """The condition column's codes, or else the base class's."""
+        if self.condition_column is None:
+            return super().load_condition()
+        categories = np.asarray(self.condition_categories)
+        train, test = (
+            None if path is None else torch.from_numpy(encode(self._column(path), categories, path))
+            for path in (self.path, self.test_path)
+        )
+        assert train is not None
+        return train, test, len(categories)
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -283,8 +407,10 @@ class ArrayDataModule(InMemoryDataModule):
     @property
     def feature_names(self) -> list[str] | None:
         """The column names of a CSV file with a header (None for other files), which factor
-        analysis's tables carry."""
-        return csv_header(self.path) if self.path.suffix.lower() == ".csv" else None
+        analysis's tables carry; a condition's column is not one of the features."""
+        if self.path.suffix.lower() != ".csv" or (header := csv_header(self.path)) is None:
+            return None
+        return [name for name in header if name != self.condition_column]
 
     @override
     def source(self, split: Split) -> str:

@@ -81,9 +81,11 @@ class InMemoryDataModule(LightningDataModule):
         binarize: sample binary data with the pixel values as probabilities (``static`` once,
             ``dynamic`` anew for every training batch, validation and test once).
         flatten: present each example as a vector rather than an image.
-        condition: what a conditional VAE is given beside each example: ``none``, or
-            ``labels``: the class label as a one-hot vector (``condition_dim`` classes), so that
-            batches are pairs ``(examples, conditions)``.
+        condition: what a conditional VAE is given beside each example, as a one-hot vector
+            (``condition_dim`` categories), so that batches are pairs ``(examples,
+            conditions)``: ``none``; ``labels``, the class label; or the name of a column of
+            the data (a CSV file's header, an AnnData ``obs`` key: a batch, a donor), which is
+            then not among the features.
     """
 
     #: (low, high) of the raw integer values when known (pixels: (0, 255)); None otherwise.
@@ -105,7 +107,7 @@ class InMemoryDataModule(LightningDataModule):
         dequantize: Noise = "none",
         binarize: Noise = "none",
         flatten: bool = True,
-        condition: Literal["none", "labels"] = "none",
+        condition: str = "none",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -170,27 +172,46 @@ class InMemoryDataModule(LightningDataModule):
             self.setup()
         return torch.as_tensor(source)[self.indices[split]]
 
+    def load_condition(self) -> tuple[Tensor, Tensor | None, int]:
+        """The category codes (0 to K - 1) of the raw ``(train, test)`` examples under
+        ``condition``, row for row with :meth:`load`, and the number of categories K. Here the
+        class labels (``condition: labels``); data modules with named columns add those.
+
+        Raises:
+            DataError: the data have no labels, or no column of that name.
+        """
+        if self.condition != "labels":
+            raise DataError(
+                f"{type(self).__name__} has no column named {self.condition!r} to condition "
+                "on: set condition to none or labels"
+            )
+        train, test = self.load_labels()
+        if train is None:
+            raise DataError(
+                f"{type(self).__name__} has no class labels to condition on: set condition: none"
+            )
+        train = torch.as_tensor(train)
+        return train, None if test is None else torch.as_tensor(test), int(train.max()) + 1
+
     def conditions(self, split: Split) -> Tensor | None:
-        """The one-hot class labels of ``split`` with ``condition: labels``, else None."""
+        """The one-hot conditions of ``split``'s examples, row for row with
+        ``splits[split]``; None with ``condition: none``."""
         if self.condition == "none":
             return None
-        classes = self.condition_dim  # refuses data without labels
-        return F.one_hot(self.labels(split).long(), classes).to(torch.get_default_dtype())
+        train, test, categories = self.load_condition()
+        source = test if split == "test" and test is not None else train
+        if not self.indices:
+            self.setup()
+        codes = source[self.indices[split]].long()
+        return F.one_hot(codes, categories).to(torch.get_default_dtype())
 
     # -- what the model and the CLI read -------------------------------------------------------
 
     @property
     def condition_dim(self) -> int:
-        """Length of one example's condition (the number of classes; 0 without a condition):
-        a conditional VAE's ``condition_dim`` must equal it."""
-        if self.condition == "none":
-            return 0
-        train, _ = self.load_labels()
-        if train is None:
-            raise DataError(
-                f"{type(self).__name__} has no class labels to condition on: set condition: none"
-            )
-        return int(torch.as_tensor(train).max()) + 1
+        """Length of one example's condition (the number of categories; 0 without a
+        condition): a conditional VAE's ``condition_dim`` must equal it."""
+        return 0 if self.condition == "none" else self.load_condition()[2]
 
     @property
     def dims(self) -> tuple[int, ...]:
