@@ -188,8 +188,8 @@ def encode(cells: np.ndarray, categories: np.ndarray, source: Path) -> np.ndarra
     if unknown.any():
         raise DataError(
             f"{source} has the condition {str(cells[unknown][0])!r}, which the training data "
-            f"do not have (they have: {', '.join(categories[:20])}): a model cannot be conditioned on "
-            "a category it was not trained with"
+            f"do not have (they have: {', '.join(categories[:20])}): a model cannot be "
+            "conditioned on a category it was not trained with"
         )
     return order[found]
 
