@@ -21,6 +21,7 @@ from torchvision.datasets import CIFAR10
 from typing_extensions import override
 
 from vaeflow.data import (
+    AnnDataModule,
     ArrayDataModule,
     CIFAR10DataModule,
     DigitsDataModule,
@@ -189,7 +190,7 @@ def test_cifar_corrupted_archive(
         CIFAR10DataModule(root=str(fake_cifar[0])).setup()
 
 
-@pytest.mark.parametrize("module_class", [MNISTDataModule, ArrayDataModule])
+@pytest.mark.parametrize("module_class", [MNISTDataModule, ArrayDataModule, AnnDataModule])
 def test_cli_help_shows_inherited_options(module_class: type[InMemoryDataModule]) -> None:
     parser = ArgumentParser()
     parser.add_class_arguments(module_class, "data")
