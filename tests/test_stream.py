@@ -56,19 +56,44 @@ def test_streamed_batches_are_the_in_memory_ones(table: Path, shuffle: bool) -> 
             assert torch.equal(read, kept)
 
 
-def test_a_streamed_pass_holds_one_batch_in_memory(tmp_path: Path) -> None:
-    """A pass over a 16 MB file in 64 KB batches allocates at most a few batches at a time
-    (NumPy's allocations, which tracemalloc sees: the copies out of the map)."""
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_streamed_pass_holds_one_batch_in_memory(tmp_path: Path, stream: bool) -> None:
+    """Setting up and a pass over a 16 MB file in 64 KB batches allocate at most a few batches
+    at a time when streamed (NumPy's allocations, which tracemalloc sees: the copies out of the
+    map); in memory, the copy of the file."""
     path = tmp_path / "big.npy"
     np.save(path, np.ones((32_768, 128), dtype=np.float32))
-    module = ArrayDataModule(str(path), stream=True, batch_size=128, val_fraction=0.0)
-    module.setup()
     tracemalloc.start()
+    module = ArrayDataModule(str(path), stream=stream, batch_size=128, val_fraction=0.0)
+    module.setup()
     total = sum(float(batch.sum()) for batch in module.train_dataloader())
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert total == 32_768 * 128
-    assert peak < 1_000_000, f"{peak} bytes allocated at once during a pass over 16 MB"
+    if stream:
+        assert peak < 1_000_000, f"{peak} bytes allocated at once during a pass over 16 MB"
+    else:
+        assert peak >= 16 * 2**20, "the in-memory path copies the file (the test's control)"
+
+
+def mapped_file_bytes() -> int:
+    """This process's resident pages of mapped files (Linux's RssFile)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("RssFile:")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc reports RssFile")
+def test_the_pages_read_leave_the_process_with_their_batch(tmp_path: Path) -> None:
+    """Each batch unmaps its stretch of the file: after a pass over 48 MB, the process holds
+    no more of it than a batch (a map kept open would count all 48 MB as resident)."""
+    path = tmp_path / "big.npy"
+    np.save(path, np.ones((12 * 2**20 // 128, 128), dtype=np.float32))
+    module = ArrayDataModule(str(path), stream=True, batch_size=2048, val_fraction=0.0)
+    module.setup()
+    before = mapped_file_bytes()
+    for _ in module.train_dataloader():
+        pass
+    assert mapped_file_bytes() - before < 8 * 2**20
 
 
 def test_factor_analysis_fits_streamed_data_as_in_memory(
