@@ -134,13 +134,13 @@ def main() -> None:
             estimator="importance_weighted",
             num_samples=args.samples,
             missing="zeros",
-            impute_samples=args.impute_samples,
             **common,
         )
         seconds = train(miwae, arrays["train_incomplete"], folder, args.epochs, "incomplete")
         print(f"MIWAE (K = {args.samples}): {args.epochs} epochs, {seconds:.1f} s per epoch")
         began = time.perf_counter()
-        imputed = in_batches(miwae.eval().impute, test)
+        miwae.eval()
+        imputed = in_batches(lambda x: miwae.impute(x, args.impute_samples), test)
         print(f"  imputation, K = {args.impute_samples}: {time.perf_counter() - began:.1f} s")
         results[f"MIWAE (K = {args.samples}), importance-weighted imputation"] = imputed
 

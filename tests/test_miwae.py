@@ -183,7 +183,7 @@ def test_a_data_module_with_nan_trains_a_miwae_and_predicts_imputations(
     with pytest.raises(DataError, match="missing: zeros"):
         silent_trainer().fit(tiny("refuse").float(), data)
     data = ArrayDataModule(str(tmp_path / "rows.npy"), scale=False, batch_size=10)
-    model = tiny(estimator="importance_weighted", num_samples=2, impute_samples=3).float()
+    model = tiny(estimator="importance_weighted", num_samples=2, eval_samples=3).float()
     trainer = silent_trainer(limit_val_batches=0)
     trainer.fit(model, data)
     (prediction, *_) = trainer.predict(model, data.train_dataloader())

@@ -71,6 +71,8 @@ ANNOUNCED_EVALUATION_SECONDS = 30.0
 TRAIN_MEANS_KEY = "vaeflow_train_means"
 #: the same on accelerators: 2^24 (64 MiB), fewer and larger kernels.
 EVAL_CHUNK_NUMBERS = 2**24
+#: Importance samples of each imputation E[x_miss | x_obs] by default (:meth:`VAE.impute`).
+IMPUTE_SAMPLES = 1000
 
 
 def check_representable(data: Tensor, dtype: torch.dtype, what: str) -> None:
@@ -160,8 +162,7 @@ class VAE(ReadyForInference, SteppedModule):
         prior: a registered prior name (``standard_normal``, ...) or instance.
         posterior: the variational family q(z|x), a registered name (``diagonal_gaussian``,
             ``full_gaussian``, ``planar``, ``iaf``, ...) or instance; it says how many numbers
-            the encoder outputs. Checkpoints written before families were registered hold
-            none and reload as ``diagonal_gaussian``.
+            the encoder outputs. Older checkpoints reload as ``diagonal_gaussian``.
         encoder: a registered net name (``mlp``, ``conv_encoder``, ...) or a factory
             ``(input_shape, (posterior.num_outputs,)) -> nn.Module`` (YAML: ``class_path`` +
             ``init_args``).
@@ -183,15 +184,13 @@ class VAE(ReadyForInference, SteppedModule):
             posterior that factorise over the dimensions (``standard_normal``,
             ``learned_gaussian``; ``diagonal_gaussian``).
         dreg: with ``importance_weighted``, the doubly reparameterised gradient (Tucker et al.,
-            2019) for the encoder: unbiased; measured about twice plain IWAE's signal-to-noise
-            ratio at K = 5, 50 and 500, falling with K as IWAE's does
-            (tests/test_vae_objectives.py). The decoder's gradient and the logged bound are
-            plain IWAE's. Every posterior supports it (log q with all of q's parameters detached).
+            2019) for the encoder: unbiased, about twice plain IWAE's signal-to-noise ratio.
+            The decoder's gradient and the logged bound are plain IWAE's.
         eval_samples: importance samples K of the log-likelihood estimate logged at validation
             and test (0 skips it; 5000 is the literature's standard for MNIST test scores).
         predict_samples: posterior samples per example at ``vaeflow predict``: 0 writes the
-            posterior means only (``latents``; for a flow, which has no closed-form mean, the
-            mean of :data:`~vaeflow.posteriors.MEAN_SAMPLES` samples); S >= 2 also writes
+            posterior means only (``latents``; a flow's: the mean of
+            :data:`~vaeflow.posteriors.MEAN_SAMPLES` samples); S >= 2 also writes
             ``latent_spread``, the standard deviation over S samples z ~ q(z|x) of each latent
             dimension, and ``reconstruction_spread``, that of their reconstructions E[x|z] per
             data element.
@@ -205,13 +204,11 @@ class VAE(ReadyForInference, SteppedModule):
         gradient_clip_val: clip the gradient norm to this value (the VAE steps its optimisers
             itself, so Trainer(gradient_clip_val) does not apply; set it here).
         steps_per_call: training steps (batches) per call of Lightning's training step, as
-            Keras's ``steps_per_execution``: Lightning's per-call cost (loop, hooks, callbacks)
-            is 10-20% of a small model's step on the CPU. Same steps and results as 1; see
-            :class:`~vaeflow.steps_per_call.SteppedModule` for what changes.
-        posterior_scale_range: (floor, cap) of the standard deviations the posterior derives
-            from the encoder, softplus of its outputs plus the floor, capped: the prior's scale
-            is 1, so healthy training stays far below the cap, which keeps a diverging run from
-            overflowing.
+            Keras's ``steps_per_execution`` (Lightning's per-call cost is 10-20% of a small
+            model's CPU step); same results as 1 (:class:`~vaeflow.steps_per_call.SteppedModule`).
+        posterior_scale_range: (floor, cap) of the posterior's standard deviations, softplus
+            of the encoder's outputs plus the floor, capped so that a diverging run cannot
+            overflow (the prior's scale is 1: healthy training stays far below).
         data_log_scale: log of the factor the data module divided each value by (its
             ``log_scale``, linked by the CLI): bits per dimension are of the data on their
             original grid (:func:`vaeflow.metrics.bits_per_dim`).
@@ -220,14 +217,9 @@ class VAE(ReadyForInference, SteppedModule):
             appended (:func:`vaeflow.nets.append_condition`). 0: unconditional.
         predict_condition: a class whose condition ``vaeflow predict`` also decodes every
             code under (``counterfactuals``).
-        missing: what NaN in the data means (:mod:`vaeflow.models.missing`). ``refuse``: an
-            error. ``zeros`` and ``zeros_and_mask``: a missing value. The likelihood counts each
-            example's observed values only, so every bound is one of log p(x_obs) (with
-            ``estimator: importance_weighted``, MIWAE: Mattei & Frellsen, 2019), and the encoder
-            sees 0 in place of each missing value (as in the paper), with ``zeros_and_mask``
-            also the mask beside the data. ``vaeflow predict`` then writes ``imputations``.
-        impute_samples: importance samples K of each imputation E[x_miss | x_obs]
-            (:meth:`impute`, ``vaeflow predict``).
+        missing: NaN in the data: ``refuse`` (an error), or a missing value that the likelihood
+            leaves out (MIWAE) and the encoder sees as 0 (``zeros``) or 0 and the mask
+            (``zeros_and_mask``).
     """
 
     #: Its checkpoints keep the training epoch's running means, so an interrupted run stops
@@ -261,7 +253,6 @@ class VAE(ReadyForInference, SteppedModule):
         condition_dim: int = 0,
         predict_condition: int | None = None,
         missing: Missing = "refuse",
-        impute_samples: int = 1000,
     ) -> None:
         super().__init__(steps_per_call)
         save_plain_hyperparameters(self)
@@ -270,18 +261,11 @@ class VAE(ReadyForInference, SteppedModule):
                 f"predict_samples={predict_samples}: a spread needs at least 2 samples (0 writes "
                 "the posterior means only)"
             )
-        if (
-            latent_dim < 1
-            or num_samples < 1
-            or impute_samples < 1
-            or eval_samples < 0
-            or condition_dim < 0
-        ):
+        if latent_dim < 1 or num_samples < 1 or eval_samples < 0 or condition_dim < 0:
             raise ConfigError(
-                "latent_dim, num_samples and impute_samples must be positive and eval_samples "
-                f"and condition_dim non-negative; got latent_dim={latent_dim}, num_samples="
-                f"{num_samples}, impute_samples={impute_samples}, eval_samples={eval_samples}, "
-                f"condition_dim={condition_dim}"
+                "latent_dim and num_samples must be positive and eval_samples and condition_dim "
+                f"non-negative; got latent_dim={latent_dim}, num_samples={num_samples}, "
+                f"eval_samples={eval_samples}, condition_dim={condition_dim}"
             )
         check_scale_range("posterior_scale_range", *posterior_scale_range)
         self.posterior_scale_range = tuple(posterior_scale_range)
@@ -301,7 +285,6 @@ class VAE(ReadyForInference, SteppedModule):
         if missing != "refuse":
             self.likelihood.check_elementwise()
         self.missing = missing
-        self.impute_samples = impute_samples
         encoder_shape = conditioned_shape(
             encoder_input_shape(self.input_shape, missing), condition_dim
         )
@@ -593,13 +576,13 @@ class VAE(ReadyForInference, SteppedModule):
     def impute(
         self,
         x: Tensor | np.ndarray,
-        num_samples: int | None = None,
+        num_samples: int = IMPUTE_SAMPLES,
         chunk_size: int | None = None,
         condition: Tensor | None = None,
     ) -> Tensor:
         """``x`` with each missing value (NaN) replaced by its imputation E[x_miss | x_obs], the
         self-normalised importance-sampling estimate of Mattei & Frellsen (2019): sum_k w_k
-        E[x | z_k] over K = ``num_samples`` (default ``impute_samples``) samples z_k ~ q(z | x),
+        E[x | z_k] over K = ``num_samples`` samples z_k ~ q(z | x),
         w_k proportional to p(x_obs | z_k) p(z_k) / q(z_k | x) and summing to 1. The samples go
         through the decoder ``chunk_size`` at a time, as in :meth:`log_likelihood`.
 
@@ -613,7 +596,6 @@ class VAE(ReadyForInference, SteppedModule):
             )
         x = self.as_input(x)
         self.check_data(x)
-        num_samples = num_samples or self.impute_samples
         if chunk_size is None:
             chunk_size = samples_per_chunk(len(x), self.likelihood.num_outputs, x.device)
         estimate = SelfNormalisedMean()
@@ -726,14 +708,16 @@ class VAE(ReadyForInference, SteppedModule):
         ``predict_condition``, ``counterfactuals``: E[x | z, c] for the codes of the examples'
         own conditions decoded under the chosen one (batch correction's "as if from batch b");
         with ``missing``, ``imputations``: the examples with each NaN replaced by its
-        imputation (:meth:`impute`)."""
+        imputation (:meth:`impute` with ``eval_samples`` importance samples, or
+        :data:`IMPUTE_SAMPLES` where it is 0)."""
         x, condition = split_batch(batch)
         posterior = self.encode(x, condition)
         if not self.predict_samples and self.predict_condition is None and self.missing == "refuse":
             return posterior.mean
         predictions = {"latents": posterior.mean}
         if self.missing != "refuse":
-            predictions["imputations"] = self.impute(x, condition=condition)
+            samples = self.eval_samples or IMPUTE_SAMPLES
+            predictions["imputations"] = self.impute(x, samples, condition=condition)
         if self.predict_condition is not None:
             chosen = F.one_hot(torch.tensor([self.predict_condition]), self.condition_dim)
             predictions["counterfactuals"] = self.decode(posterior.mean, None, chosen).mean
