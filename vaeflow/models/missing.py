@@ -2,12 +2,13 @@
 
 NaN marks a missing value. Given z, every built-in family is a product over the data elements,
 so the likelihood of an example's observed values, the missing ones marginalised out, is the sum
-of the observed elements' log-probabilities (:meth:`~vaeflow.likelihoods.Likelihood.
-masked_log_prob`). Every bound the VAE trains on or reports (the ELBO, the importance-weighted
-bound, the log-likelihood estimate) is then one of log p(x_obs); with the importance-weighted
-bound as the objective this is MIWAE. The encoder needs a value everywhere: it sees 0 in place of
-each missing value, as in the paper, and with ``zeros_and_mask`` also the mask (1 where
-observed), as many more input features (or channels) as the data have.
+of the observed elements' log-probabilities
+(:meth:`~vaeflow.likelihoods.Likelihood.masked_log_prob`). Every bound the VAE trains on or
+reports (the ELBO, the importance-weighted bound, the log-likelihood estimate) is then one of
+log p(x_obs); with the importance-weighted bound as the objective this is MIWAE. The encoder
+needs a value everywhere: it sees 0 in place of each missing value, as in the paper, and with
+``zeros_and_mask`` also the mask (1 where observed), as many more input features (or channels)
+as the data have.
 
 Imputations are the paper's self-normalised importance-sampling estimate of E[x_miss | x_obs]:
 sum_k w_k E[x_miss | z_k], z_k ~ q(z | x_obs), w_k proportional to p(x_obs | z_k) p(z_k) /
