@@ -294,6 +294,8 @@ def test_the_config_fits_and_predicts_from_the_cli(tmp_path: Path, monkeypatch) 
     elbos = [float(row["train/elbo"]) for row in rows if row["train/elbo"]]
     assert len(elbos) == 60 and elbos == sorted(elbos)
     assert float(rows[-2]["effective_factors"]) == 6
+    pictures = {"factor_shares", "latent_scatter", "loadings", "log_likelihood"}
+    assert {p.name for p in (run / "pictures").iterdir()} == pictures
     checkpoint = run / "checkpoints" / "last.ckpt"
     main(["predict", "--config", config, "--ckpt_path", str(checkpoint), *quiet])
     latents = torch.load(next(tmp_path.rglob("latents.pt")))

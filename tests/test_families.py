@@ -239,6 +239,58 @@ def test_log_prob_from_outputs_equals_the_distributions(name: str, kwargs: dict)
         torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", LIKELIHOODS.names())
+def test_every_fill_value_lies_in_the_support(name: str) -> None:
+    likelihood = bound_likelihood(name)
+    assert bool(likelihood.support.check(torch.tensor(likelihood.fill_value)))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [(name, kwargs) for name, (variants, _) in SCIPY_LIKELIHOODS.items() for kwargs in variants]
+    + [(name, {}) for name in LIKELIHOODS.names() if name not in SCIPY_LIKELIHOODS],
+)
+def test_masked_log_prob_is_the_dense_sum_over_the_observed_elements(name: str, kwargs) -> None:
+    """log p(x_O) of each example equals the family's element-wise log densities (scipy's where
+    the family has a reference) summed over its observed elements only, in float64, for
+    outputs with a leading sample dimension. The missing elements' values do not change it
+    (NaN, a huge number) and their parameters get no gradient. A family whose elements share
+    a quantity of x (the observed library size) refuses."""
+    torch.manual_seed(5)
+    likelihood = bound_likelihood(name, **kwargs).double()
+    for param in likelihood.parameters():
+        param.data.add_(0.3 * torch.randn_like(param))
+    outputs = torch.randn(3, BATCH, likelihood.num_outputs, dtype=torch.float64)
+    outputs.requires_grad_()
+    x = likelihood(outputs[0].detach()).sample()
+    observed = torch.rand(x.shape) < 0.6
+    observed[0], observed[1] = True, False  # a complete example and an empty one
+    incomplete = x.masked_fill(~observed, float("nan"))
+    if not likelihood.elementwise:
+        with pytest.raises(ConfigError, match="library_size: none"):
+            likelihood.masked_log_prob(outputs, incomplete, observed)
+        return
+    masked = likelihood.masked_log_prob(outputs, incomplete, observed)
+    params = likelihood.params(outputs).detach()
+    if name in SCIPY_LIKELIHOODS:
+        every = np.broadcast_to(x.numpy(), (3, *x.shape))  # for each sample of outputs
+        dense = SCIPY_LIKELIHOODS[name][1](likelihood, params.numpy(), every)
+    else:  # a plugin's family: its own element-wise distribution
+        dense = likelihood.distribution(params).log_prob(x).detach().numpy()
+    expected = np.where(observed.numpy(), dense, 0.0).sum(axis=(-2, -1))
+    np.testing.assert_allclose(masked.detach().numpy(), expected, rtol=1e-10, atol=1e-10)
+    complete = likelihood.log_prob(outputs[:, :1], x[:1])
+    torch.testing.assert_close(masked[:, 0], complete[:, 0], rtol=1e-12, atol=1e-10)
+    assert torch.equal(masked[:, 1], torch.zeros(3, dtype=torch.float64))
+    other = x.masked_fill(~observed, 1e30 if likelihood.support is constraints.real else 0.0)
+    assert torch.equal(likelihood.masked_log_prob(outputs, other, observed), masked)
+    (gradient,) = torch.autograd.grad(masked.sum(), outputs)
+    gradient = likelihood.params(gradient)  # (3, BATCH, *EVENT_SHAPE, num_params)
+    assert torch.isfinite(gradient).all()
+    assert torch.equal(gradient[:, ~observed], torch.zeros_like(gradient[:, ~observed]))
+    assert gradient[:, observed].abs().sum() > 0
+
+
 @pytest.mark.parametrize("log_prob", [bernoulli_log_prob, fused_bernoulli_log_prob])
 def test_bernoulli_log_prob_is_the_binary_cross_entropy_in_float32(log_prob) -> None:
     """The CPU's Bernoulli log-probability (log(1 + e^-|l|) rather than log1p) and the fused

@@ -237,6 +237,7 @@ def test_the_digits_config_fits_and_predicts_from_the_cli(tmp_path: Path, monkey
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     values = [float(row["train/log_likelihood"]) for row in rows if row["train/log_likelihood"]]
     assert len(values) == 16 and values == sorted(values)
+    assert sorted(p.name for p in (run / "pictures").iterdir()) == ["components", "log_likelihood"]
     main(["predict", "--config", config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
     latents = torch.load(next(tmp_path.rglob("latents.pt")))
     assert latents["responsibilities"].shape == (359, 10)

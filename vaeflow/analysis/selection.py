@@ -134,7 +134,12 @@ def max_latent_dim(num_features: int) -> int:
 
 
 def select_by_bic(
-    cov: Tensor, num_obs: int, latent_dims: Sequence[int] | None = None
+    cov: Tensor,
+    num_obs: int,
+    latent_dims: Sequence[int] | None = None,
+    *,
+    tol: float = 1e-8,
+    max_iter: int = 10_000,
 ) -> BICSelection:
     """Fit each number of factors by maximum likelihood (:func:`fit_covariance`) and pick the
     smallest BIC = chi-square - dof ln n (Schwarz, 1978, in psych's form).
@@ -144,11 +149,16 @@ def select_by_bic(
         num_obs: the number of examples it was computed from.
         latent_dims: the numbers of factors to try; every one with positive degrees of freedom
             (1 to :func:`max_latent_dim`) when None.
+        tol: :func:`fit_covariance`'s tolerance (nats per example). Looser than its default:
+            the BIC moves by at most ``num_obs * tol`` (1e-3 for 100,000 examples), far below
+            the differences that choose M, and fits of an M far from the truth crawl (minutes
+            each at 1e-12).
+        max_iter: :func:`fit_covariance`'s most iterations per M.
     """
     if latent_dims is None:
         latent_dims = range(1, max_latent_dim(cov.shape[0]) + 1)
     bic = {}
     for latent in latent_dims:
-        loadings, noise = fit_covariance(cov, latent)
+        loadings, noise = fit_covariance(cov, latent, tol=tol, max_iter=max_iter)
         bic[latent] = fit_statistics(cov, loadings, noise, num_obs).bic
     return BICSelection(bic, min(bic, key=bic.__getitem__))

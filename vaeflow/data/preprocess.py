@@ -29,8 +29,10 @@ def uniform(like: Tensor, rng: np.random.Generator) -> Tensor:
 def draw_bernoulli(probabilities: Tensor, rng: np.random.Generator) -> Tensor:
     """Binary draws, 1 where uniform noise falls below the probability. The distribution of
     ``torch.bernoulli``, in a third of its time (a vectorised uniform draw and an in-place
-    comparison)."""
-    return uniform(probabilities, rng).lt_(probabilities)
+    comparison). NaN (a missing value) stays NaN: a comparison with it is false, which would
+    make it a 0 that the model takes for an observed value."""
+    draws = uniform(probabilities, rng).lt_(probabilities)
+    return torch.where(torch.isnan(probabilities), probabilities, draws)
 
 
 class BatchNoise:

@@ -55,6 +55,10 @@ class Likelihood(nn.Module):
     #: True when log p(x | z) is a probability mass on the data's own grid (8-bit pixel levels),
     #: not a density: bits per dimension then take no offset for the data's scaling.
     discrete: bool = False
+    #: A value inside the support that stands in for a missing one while the per-element
+    #: log-probabilities of an incomplete example are computed (:meth:`masked_log_prob` then
+    #: leaves it out): it only keeps their values and gradients finite.
+    fill_value: float = 0.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -119,6 +123,42 @@ class Likelihood(nn.Module):
         percent of a small model's step on the CPU.
         """
         return self.decoded(outputs, self.size_factor(x)).log_prob(x)
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether log p(x | z) is a sum of one term per data element, so that a missing element
+        is left out of it exactly (:meth:`masked_log_prob`). True unless the elements share a
+        quantity computed from x (a count family's observed library size, their total)."""
+        return True
+
+    def check_elementwise(self) -> None:
+        """Refuse missing values in a family whose elements do not factorise given z."""
+        if not self.elementwise:
+            raise ConfigError(
+                f"the {getattr(self, 'registered_name', type(self).__name__)!r} likelihood is "
+                "not a product over the data elements here (library_size: observed takes the "
+                "total of every element), so missing values cannot be left out of it: use "
+                "library_size: none"
+            )
+
+    def element_log_prob(self, outputs: Tensor, x: Tensor) -> Tensor:
+        """log p(x_d | outputs) of each data element, flat: ``(*batch, D)`` for ``outputs``
+        ``(*batch, num_outputs)``; ``x`` broadcasts as in :meth:`log_prob`."""
+        return self.flat(self.distribution(self.params(outputs)).log_prob(x))
+
+    def masked_log_prob(self, outputs: Tensor, x: Tensor, observed: Tensor) -> Tensor:
+        """log p(x_O | outputs) per example, shape ``outputs.shape[:-1]``: the sum of the
+        per-element log-probabilities of the observed elements (``observed`` True, shaped as
+        ``x``). The others are marginalised out, which for a family that factorises over the
+        elements (:attr:`elementwise`) is leaving them out; their values (NaN) are never read.
+
+        Raises:
+            ConfigError: the family's elements do not factorise.
+        """
+        self.check_elementwise()
+        filled = torch.where(observed, x, self.fill_value)
+        log_prob = self.element_log_prob(outputs, filled)
+        return torch.where(self.flat(observed), log_prob, 0.0).sum(-1)
 
     def flat(self, x: Tensor) -> Tensor:
         """``x`` with each example's elements in one last dimension, as the decoder outputs them."""

@@ -47,6 +47,7 @@ class BetaLikelihood(Likelihood):
 
     num_params = 2
     support = OpenUnitInterval()
+    fill_value = 0.5
     support_hint = (
         "The beta likelihood needs data strictly inside (0, 1): squeeze data that touch 0 or 1, "
         "e.g. (x (n - 1) + 1/2) / n for n examples (Smithson & Verkuilen, 2006), or use "

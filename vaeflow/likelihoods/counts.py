@@ -58,6 +58,11 @@ class CountLikelihood(Likelihood):
         super().__init__()
         self.library_size = library_size
 
+    @property
+    def elementwise(self) -> bool:
+        """Without an observed library size, the elements are independent given z."""
+        return self.library_size == "none"
+
     def size_factor(self, x: Tensor) -> Tensor | None:
         """The total count of each example (at least 1) with ``library_size: observed``."""
         if self.library_size == "none":

@@ -35,6 +35,13 @@ from vaeflow.likelihoods import Likelihood, check_scale_range
 from vaeflow.metrics import EpochMeans, bits_per_dim
 from vaeflow.models.inputs import as_examples
 from vaeflow.models.loading import ReadyForInference
+from vaeflow.models.missing import (
+    Missing,
+    SelfNormalisedMean,
+    encoder_input,
+    encoder_input_shape,
+    observed_mask,
+)
 from vaeflow.nets import NetFactory, append_condition, build_net, conditioned_shape
 from vaeflow.posteriors import Posterior, PosteriorContext, check_posterior_factorises
 from vaeflow.priors import (
@@ -64,6 +71,8 @@ ANNOUNCED_EVALUATION_SECONDS = 30.0
 TRAIN_MEANS_KEY = "vaeflow_train_means"
 #: the same on accelerators: 2^24 (64 MiB), fewer and larger kernels.
 EVAL_CHUNK_NUMBERS = 2**24
+#: Importance samples of each imputation E[x_miss | x_obs] by default (:meth:`VAE.impute`).
+IMPUTE_SAMPLES = 1000
 
 
 def check_representable(data: Tensor, dtype: torch.dtype, what: str) -> None:
@@ -153,8 +162,7 @@ class VAE(ReadyForInference, SteppedModule):
         prior: a registered prior name (``standard_normal``, ...) or instance.
         posterior: the variational family q(z|x), a registered name (``diagonal_gaussian``,
             ``full_gaussian``, ``planar``, ``iaf``, ...) or instance; it says how many numbers
-            the encoder outputs. Checkpoints written before families were registered hold
-            none and reload as ``diagonal_gaussian``.
+            the encoder outputs. Older checkpoints reload as ``diagonal_gaussian``.
         encoder: a registered net name (``mlp``, ``conv_encoder``, ...) or a factory
             ``(input_shape, (posterior.num_outputs,)) -> nn.Module`` (YAML: ``class_path`` +
             ``init_args``).
@@ -176,15 +184,13 @@ class VAE(ReadyForInference, SteppedModule):
             posterior that factorise over the dimensions (``standard_normal``,
             ``learned_gaussian``; ``diagonal_gaussian``).
         dreg: with ``importance_weighted``, the doubly reparameterised gradient (Tucker et al.,
-            2019) for the encoder: unbiased; measured about twice plain IWAE's signal-to-noise
-            ratio at K = 5, 50 and 500, falling with K as IWAE's does
-            (tests/test_vae_objectives.py). The decoder's gradient and the logged bound are
-            plain IWAE's. Every posterior supports it (log q with all of q's parameters detached).
+            2019) for the encoder: unbiased, about twice plain IWAE's signal-to-noise ratio.
+            The decoder's gradient and the logged bound are plain IWAE's.
         eval_samples: importance samples K of the log-likelihood estimate logged at validation
             and test (0 skips it; 5000 is the literature's standard for MNIST test scores).
         predict_samples: posterior samples per example at ``vaeflow predict``: 0 writes the
-            posterior means only (``latents``; for a flow, which has no closed-form mean, the
-            mean of :data:`~vaeflow.posteriors.MEAN_SAMPLES` samples); S >= 2 also writes
+            posterior means only (``latents``; a flow's: the mean of
+            :data:`~vaeflow.posteriors.MEAN_SAMPLES` samples); S >= 2 also writes
             ``latent_spread``, the standard deviation over S samples z ~ q(z|x) of each latent
             dimension, and ``reconstruction_spread``, that of their reconstructions E[x|z] per
             data element.
@@ -198,13 +204,11 @@ class VAE(ReadyForInference, SteppedModule):
         gradient_clip_val: clip the gradient norm to this value (the VAE steps its optimisers
             itself, so Trainer(gradient_clip_val) does not apply; set it here).
         steps_per_call: training steps (batches) per call of Lightning's training step, as
-            Keras's ``steps_per_execution``: Lightning's per-call cost (loop, hooks, callbacks)
-            is 10-20% of a small model's step on the CPU. Same steps and results as 1; see
-            :class:`~vaeflow.steps_per_call.SteppedModule` for what changes.
-        posterior_scale_range: (floor, cap) of the standard deviations the posterior derives
-            from the encoder, softplus of its outputs plus the floor, capped: the prior's scale
-            is 1, so healthy training stays far below the cap, which keeps a diverging run from
-            overflowing.
+            Keras's ``steps_per_execution`` (Lightning's per-call cost is 10-20% of a small
+            model's CPU step); same results as 1 (:class:`~vaeflow.steps_per_call.SteppedModule`).
+        posterior_scale_range: (floor, cap) of the posterior's standard deviations, softplus
+            of the encoder's outputs plus the floor, capped so that a diverging run cannot
+            overflow (the prior's scale is 1: healthy training stays far below).
         data_log_scale: log of the factor the data module divided each value by (its
             ``log_scale``, linked by the CLI): bits per dimension are of the data on their
             original grid (:func:`vaeflow.metrics.bits_per_dim`).
@@ -213,6 +217,9 @@ class VAE(ReadyForInference, SteppedModule):
             appended (:func:`vaeflow.nets.append_condition`). 0: unconditional.
         predict_condition: a class whose condition ``vaeflow predict`` also decodes every
             code under (``counterfactuals``).
+        missing: NaN in the data: ``refuse`` (an error), or a missing value that the likelihood
+            leaves out (MIWAE) and the encoder sees as 0 (``zeros``) or 0 and the mask
+            (``zeros_and_mask``).
     """
 
     #: Its checkpoints keep the training epoch's running means, so an interrupted run stops
@@ -245,6 +252,7 @@ class VAE(ReadyForInference, SteppedModule):
         data_log_scale: float = 0.0,
         condition_dim: int = 0,
         predict_condition: int | None = None,
+        missing: Missing = "refuse",
     ) -> None:
         super().__init__(steps_per_call)
         save_plain_hyperparameters(self)
@@ -274,11 +282,13 @@ class VAE(ReadyForInference, SteppedModule):
                 f"condition_dim={condition_dim} (0 .. {condition_dim - 1})"
             )
         self.predict_condition = predict_condition
-        self.encoder = build_net(
-            encoder or "mlp",
-            conditioned_shape(self.input_shape, condition_dim),
-            (self.posterior.num_outputs,),
+        if missing != "refuse":
+            self.likelihood.check_elementwise()
+        self.missing = missing
+        encoder_shape = conditioned_shape(
+            encoder_input_shape(self.input_shape, missing), condition_dim
         )
+        self.encoder = build_net(encoder or "mlp", encoder_shape, (self.posterior.num_outputs,))
         self.decoder = build_net(
             decoder or "mlp", (latent_dim + condition_dim,), self.likelihood.output_shape
         )
@@ -287,12 +297,7 @@ class VAE(ReadyForInference, SteppedModule):
         # each part on two examples, once the networks (the largest parts) fit in memory
         check_likelihood(self.likelihood)
         check_posterior(self.posterior, latent_dim)
-        check_net(
-            self.encoder,
-            "encoder",
-            conditioned_shape(self.input_shape, condition_dim),
-            self.posterior.num_outputs,
-        )
+        check_net(self.encoder, "encoder", encoder_shape, self.posterior.num_outputs)
         check_net(
             self.decoder, "decoder", (latent_dim + condition_dim,), self.likelihood.num_outputs
         )
@@ -325,6 +330,17 @@ class VAE(ReadyForInference, SteppedModule):
         #: console's progress bar sets it while it shows an evaluation, which may spend minutes
         #: in one batch
         self.sample_progress: Callable[[int, int], None] | None = None
+
+    #: What the data modules' message about NaN in the data adds.
+    missing_values_advice: ClassVar[str] = (
+        ", or set the VAE's missing: zeros (NaN is a missing value: the likelihood counts the "
+        "observed values only, MIWAE) or missing: zeros_and_mask"
+    )
+
+    @property
+    def missing_values(self) -> str | None:
+        """None when NaN in the data is an error; else what NaN means, for messages."""
+        return None if self.missing == "refuse" else f"missing: {self.missing}"
 
     # -- the model --------------------------------------------------------------------------------
 
@@ -360,6 +376,7 @@ class VAE(ReadyForInference, SteppedModule):
     def encoder_outputs(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
         """The encoder's outputs for ``x`` (with its condition appended, if conditional)."""
         condition = self.checked_condition(condition)
+        x = encoder_input(x, self.missing, len(self.input_shape))
         if condition is not None:
             x = append_condition(x, condition, len(self.input_shape))
         return self.encoder(x)
@@ -419,8 +436,30 @@ class VAE(ReadyForInference, SteppedModule):
         # One sample needs no sample dimension, nor a mean over it (a few percent of a small
         # model's step on the CPU).
         z = posterior.rsample((num_samples,) if num_samples > 1 else ())
-        log_px = self.likelihood.log_prob(self.decoder_outputs(z, condition), x)
+        log_px = self.data_log_prob(self.decoder_outputs(z, condition), x)
         return posterior, z, mean_over_samples(log_px, posterior)
+
+    def data_log_prob(self, outputs: Tensor, x: Tensor) -> Tensor:
+        """log p(x | outputs), or with ``missing`` log p(x_obs | outputs), the sum over the
+        observed values of examples with NaN (a complete batch takes the complete-data path)."""
+        observed = None if self.missing == "refuse" else observed_mask(x)
+        if observed is None:
+            return self.likelihood.log_prob(outputs, x)
+        return self.likelihood.masked_log_prob(outputs, x, observed)
+
+    def check_data(self, x: Tensor) -> None:
+        """Refuse values outside the likelihood's support; with ``missing``, of the values
+        that are there (NaN is a missing value), and without it NaN, naming the option."""
+        missing = torch.isnan(x)
+        if not bool(missing.any()):
+            self.likelihood.check_support(x)
+            return
+        if self.missing == "refuse":
+            raise DataError(
+                f"the data hold {int(missing.sum())} NaN values, which this VAE refuses "
+                f"(missing: refuse): drop or impute them{self.missing_values_advice}"
+            )
+        self.likelihood.check_support(x[~missing])
 
     def kl(
         self, posterior: Distribution, z: Tensor, estimator: Estimator = "analytic_kl"
@@ -456,7 +495,7 @@ class VAE(ReadyForInference, SteppedModule):
         variance; on an untrained digits VAE, ``analytic_kl`` has.
         """
         x = self.as_input(x)
-        self.likelihood.check_support(x)
+        self.check_data(x)
         with self.gradients():
             return self.elbo_terms(x, num_samples, estimator, condition)[0]
 
@@ -490,10 +529,17 @@ class VAE(ReadyForInference, SteppedModule):
         return log_weights
 
     def log_weights(
-        self, x: Tensor, z: Tensor, posterior: Distribution, condition: Tensor | None = None
+        self,
+        x: Tensor,
+        z: Tensor,
+        posterior: Distribution,
+        condition: Tensor | None = None,
+        outputs: Tensor | None = None,
     ) -> Tensor:
-        """log p(x | z) + log p(z) - log q(z | x) for samples ``z`` ``(K, N, latent_dim)``."""
-        log_px = self.likelihood.log_prob(self.decoder_outputs(z, condition), x)
+        """log p(x | z) + log p(z) - log q(z | x) for samples ``z`` ``(K, N, latent_dim)``
+        (``outputs``: the decoder's for ``z``, when the caller has them)."""
+        outputs = self.decoder_outputs(z, condition) if outputs is None else outputs
+        log_px = self.data_log_prob(outputs, x)
         return log_px + self.prior().log_prob(z) - posterior.log_prob(z)
 
     def log_likelihood(
@@ -513,7 +559,7 @@ class VAE(ReadyForInference, SteppedModule):
         K grows.
         """
         x = self.as_input(x)
-        self.likelihood.check_support(x)
+        self.check_data(x)
         if chunk_size is None:
             chunk_size = samples_per_chunk(len(x), self.likelihood.num_outputs, x.device)
         with torch.no_grad():
@@ -526,6 +572,41 @@ class VAE(ReadyForInference, SteppedModule):
                 if self.sample_progress is not None:
                     self.sample_progress(start + len(z), num_samples)
         return total - math.log(num_samples)
+
+    def impute(
+        self,
+        x: Tensor | np.ndarray,
+        num_samples: int = IMPUTE_SAMPLES,
+        chunk_size: int | None = None,
+        condition: Tensor | None = None,
+    ) -> Tensor:
+        """``x`` with each missing value (NaN) replaced by its imputation E[x_miss | x_obs], the
+        self-normalised importance-sampling estimate of Mattei & Frellsen (2019): sum_k w_k
+        E[x | z_k] over K = ``num_samples`` samples z_k ~ q(z | x),
+        w_k proportional to p(x_obs | z_k) p(z_k) / q(z_k | x) and summing to 1. The samples go
+        through the decoder ``chunk_size`` at a time, as in :meth:`log_likelihood`.
+
+        Raises:
+            ConfigError: the VAE takes no missing values (``missing: refuse``).
+        """
+        if self.missing == "refuse":
+            raise ConfigError(
+                "this VAE has missing: refuse, so it was trained on complete data and takes no "
+                "NaN: train one with missing: zeros (or zeros_and_mask) to impute"
+            )
+        x = self.as_input(x)
+        self.check_data(x)
+        if chunk_size is None:
+            chunk_size = samples_per_chunk(len(x), self.likelihood.num_outputs, x.device)
+        estimate = SelfNormalisedMean()
+        with torch.no_grad():
+            posterior = self.encode(x, condition)
+            for start in range(0, num_samples, chunk_size):
+                z = posterior.sample((min(chunk_size, num_samples - start),))
+                outputs = self.decoder_outputs(z, condition)
+                log_weights = self.log_weights(x, z, posterior, condition, outputs)
+                estimate.add(log_weights, self.likelihood.decoded(outputs).mean)
+        return torch.where(torch.isnan(x), estimate.mean, x)
 
     def sample(
         self,
@@ -625,12 +706,18 @@ class VAE(ReadyForInference, SteppedModule):
         mean of :data:`~vaeflow.posteriors.MEAN_SAMPLES` samples); with ``predict_samples``,
         the spread of posterior samples and of their reconstructions; with
         ``predict_condition``, ``counterfactuals``: E[x | z, c] for the codes of the examples'
-        own conditions decoded under the chosen one (batch correction's "as if from batch b")."""
+        own conditions decoded under the chosen one (batch correction's "as if from batch b");
+        with ``missing``, ``imputations``: the examples with each NaN replaced by its
+        imputation (:meth:`impute` with ``eval_samples`` importance samples, or
+        :data:`IMPUTE_SAMPLES` where it is 0)."""
         x, condition = split_batch(batch)
         posterior = self.encode(x, condition)
-        if not self.predict_samples and self.predict_condition is None:
+        if not self.predict_samples and self.predict_condition is None and self.missing == "refuse":
             return posterior.mean
         predictions = {"latents": posterior.mean}
+        if self.missing != "refuse":
+            samples = self.eval_samples or IMPUTE_SAMPLES
+            predictions["imputations"] = self.impute(x, samples, condition=condition)
         if self.predict_condition is not None:
             chosen = F.one_hot(torch.tensor([self.predict_condition]), self.condition_dim)
             predictions["counterfactuals"] = self.decode(posterior.mean, None, chosen).mean
@@ -662,7 +749,7 @@ class VAE(ReadyForInference, SteppedModule):
             metrics |= per_dimension("code_square", codes.square().mean(0))
             if self.prior.marginals() is not None and self.posterior.factorises:
                 metrics |= per_dimension("kl_dim", self.kl_per_dimension(posterior, z).mean(0))
-            if self._image_geometry is not None:
+            if self._image_geometry is not None and self.missing == "refuse":
                 metrics |= self.image_quality(x, codes)
         self._means[stage].update(metrics, len(x))
 
@@ -769,7 +856,7 @@ class VAE(ReadyForInference, SteppedModule):
         splits = getattr(datamodule, "splits", {})
         for split, data in splits.items():
             if isinstance(data, Tensor):  # streamed splits are never read whole
-                self.likelihood.check_support(data)
+                self.check_data(data)
                 check_representable(data, self.dtype, f"the {split} split")
         batch_size = getattr(datamodule, "batch_size", None)
         if stage == "fit" and isinstance(batch_size, int):
