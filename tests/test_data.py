@@ -484,6 +484,15 @@ def test_a_csv_header_names_the_features_and_no_row_is_lost(bom: bytes, tmp_path
     assert len(named.splits["train"]) == 2 and len(plain.splits["train"]) == 3
 
 
+def test_quoted_header_names_as_r_writes_them(tmp_path: Path) -> None:
+    """R's ``write.csv(x, row.names = FALSE)`` quotes the names: they are names all the same."""
+    (tmp_path / "r.csv").write_text('"height","body weight","age"\n1,2,3\n4,5,6\n')
+    module = ArrayDataModule(str(tmp_path / "r.csv"), val_fraction=0.0)
+    module.setup()
+    assert module.feature_names == ["height", "body weight", "age"]
+    np.testing.assert_array_equal(module.splits["train"].numpy(), [[1, 2, 3], [4, 5, 6]])
+
+
 def test_array_images_uint8_and_test_path(tmp_path: Path) -> None:
     generator = np.random.default_rng(0)
     train = generator.integers(0, 200, (30, 1, 4, 4), dtype=np.uint8)

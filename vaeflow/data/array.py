@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import math
 import os
@@ -90,10 +91,11 @@ def csv_header(path: Path) -> list[str] | None:
     is a row of numbers (empty cells, missing values, allowed). A header is a line of names
     only: a line mixing names and numbers, or names with an empty field, is refused rather than
     guessed at (a data row taken for a header would be lost without a word). A UTF-8 byte-order
-    mark is not part of the first name."""
+    mark is not part of the first name, and names may be quoted (R's ``write.csv`` quotes
+    them)."""
     with path.open(encoding="utf-8-sig") as file:
         first = file.readline().rstrip("\r\n")
-    fields = [field.strip() for field in first.split(",")]
+    fields = [field.strip() for field in next(csv.reader([first]), [])]
     numbers = [_is_number(field) for field in fields if field]
     if not first.strip() or (numbers and all(numbers)):  # an empty file: the reader says so
         return None
