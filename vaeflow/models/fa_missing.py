@@ -8,7 +8,10 @@ fit maximises (Anderson, 1957; in SEM software "FIML", lavaan's ``missing = "ml"
 EM takes z as the latent variable and the observed coordinates as the data (Ghahramani &
 Hinton, 1996; Ilin & Raiko, 2010, for PPCA). With B_n = Psi_O^(-1/2) W_O and
 y_n = Psi_O^(-1/2) (x_O - mu_O), the posterior is z | x_O ~ N(m_n, G_n),
-G_n = (I + B_n^T B_n)^-1, m_n = G_n B_n^T y_n: one M x M Cholesky factor per row. Each
+G_n = (I + B_n^T B_n)^-1, m_n = G_n B_n^T y_n. G_n depends on the row only through its
+pattern of observed values, so rows are grouped by pattern (:func:`patterns`) and each pattern
+takes one M x M inverse and Cholesky factor (628 patterns among 2000 rows of 12 features with
+a fifth missing; one for complete data). Each
 feature's M-step is a regression of its observed values on z~ = (z, 1) under the posterior,
 which updates its loadings, its mean and its noise variance together (the mean is no longer
 the sample mean):
