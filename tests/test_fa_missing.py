@@ -317,9 +317,7 @@ def test_squarem_in_memory_reaches_plain_em_s_maximum_in_fewer_iterations(
     assert np.diff(lls).min() > -1e-12  # EM's guarantee, to round-off
     assert lls[-1] == pytest.approx(plain.history[-1]["train/log_likelihood"], abs=1e-9)
     fitted = (p.detach() for p in (fast.loadings, fast.noise_variance, fast.mean))
-    assert dense_observed_log_likelihood(holed, *fitted).mean() == pytest.approx(
-        lls[-1], abs=1e-10
-    )
+    assert dense_observed_log_likelihood(holed, *fitted).mean() == pytest.approx(lls[-1], abs=1e-10)
     assert int(fast.n_iter) < int(plain.n_iter) / 4, (int(fast.n_iter), int(plain.n_iter))
     params = [p.detach().clone().requires_grad_() for p in (fast.loadings, fast.mean)]
     log_psi = fast.noise_variance.detach().log().requires_grad_()

@@ -247,8 +247,8 @@ class ObservedMomentsPass(FitterPass):
         units = fitter.units
         scaled = cov / units[:, None] / units
         with single_thread_if(2 * model.dim**2 * model.latent_dim < SMALL_WORK):
-            pairs = leading_eigenpairs(scaled, 2 * model.latent_dim, model.hparams.seed)
-        fitter.start(pairs)
+            eigenpairs = leading_eigenpairs(scaled, 2 * model.latent_dim, model.hparams.seed)
+        fitter.start(eigenpairs)
         return fitter.run(None)
 
 
