@@ -179,7 +179,7 @@ def add_sums_(
     ones = post.mean.new_ones(n, 1)
     first = torch.cat([post.mean, ones], 1)  # E[z~] (N x (M + 1))
     # E[z~ z~^T] = G~ + E[z~] E[z~]^T, its G~ summed per pattern
-    second = (weights.T @ (first[:, :, None] * first[:, None, :]).reshape(n, -1)).reshape(
+    second = (weights.T @ (first[:, :, None] * first[:, None, :]).flatten(1)).reshape(
         sums.second.shape
     )
     groups = post.patterns
