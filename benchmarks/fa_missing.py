@@ -20,8 +20,9 @@ scikit-learn's ``FactorAnalysis`` (factor_analyzer's estimator does not run on s
 and it only drops or imputes missing values too).
 
 Every fit is scored by one evaluator: the mean observed-data log-likelihood per row (nats),
-per pattern of observed values from the fit's implied mean and covariance (scipy, float64).
-The FIML fits reach the same maximum; imputation does not. Times are the best of ``--repeats``
+per pattern of observed values from the fit's implied mean and covariance (scipy, float64),
+printed to 1e-9 so that the FIML fits' distance from one another shows. The FIML fits reach
+the same maximum; imputation does not. Times are the best of ``--repeats``
 (semopy's, which take minutes, of one fit).
 
     python benchmarks/fa_missing.py --rows 2000 --features 12 --factors 3 --fraction 0.2
@@ -194,7 +195,7 @@ def main() -> None:
     print(f"{'fit':<36} {'seconds':>9} {'x vaeflow':>10} {'observed-data LL/row':>22}")
     for name, seconds, fit in results:
         ll = observed_log_likelihood(x, fit)
-        print(f"{name:<36} {seconds:>9.3f} {seconds / ours:>10.1f} {ll:>22.6f}")
+        print(f"{name:<36} {seconds:>9.3f} {seconds / ours:>10.1f} {ll:>22.9f}")
 
 
 if __name__ == "__main__":
