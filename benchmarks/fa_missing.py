@@ -8,7 +8,7 @@ feature, always observed, is high). The same model is fitted by
 - **vaeflow**: ``vaeflow.sklearn.FactorAnalysis(M, missing="fiml")`` (EM on each row's observed
   values, the whole Lightning fit);
 - **semopy** 2.3 (PyPI): ``ModelMeans`` with ``obj="ML"``, which is its per-pattern FIML
-  objective;
+  objective, run only where semopy is installed;
 - **lavaan** (R, from the distribution's ``r-cran-lavaan``): ``cfa(..., missing = "ml")``, the
   reference implementation of FIML in SEM software, timed inside R (R's start and reading the
   file excluded), run only where ``Rscript`` with lavaan is installed;
@@ -31,6 +31,7 @@ the same maximum; imputation does not. Times are the best of ``--repeats``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -184,8 +185,11 @@ def main() -> None:
     results: list[tuple[str, float, Fit]] = []
     seconds, fit = best_time(fit_vaeflow, x, args.factors, args.repeats)
     results.append(("vaeflow FIML (EM)", seconds, fit))
-    seconds, fit = best_time(fit_semopy, x, args.factors, 1)  # minutes a fit: timed once
-    results.append(("semopy FIML (ModelMeans, once)", seconds, fit))
+    if importlib.util.find_spec("semopy") is None:
+        print("semopy: not run (not installed: pip install semopy)")
+    else:
+        seconds, fit = best_time(fit_semopy, x, args.factors, 1)  # minutes a fit: timed once
+        results.append(("semopy FIML (ModelMeans, once)", seconds, fit))
     lavaan = run_lavaan(x, args.factors, args.repeats)
     if lavaan is not None:
         results.append((f"lavaan {lavaan[2]} FIML (missing='ml')", lavaan[0], lavaan[1]))
