@@ -28,6 +28,7 @@ from vaeflow.models.fa_missing import (
     add_sums_,
     m_step,
     observed_log_likelihood,
+    patterns,
     posterior,
     zero_sums,
 )
@@ -104,6 +105,25 @@ def test_observed_log_likelihood_is_the_dense_per_pattern_value(fraction: float)
     assert abs(ours.mean() - exact.mean()) < 1e-8
 
 
+@pytest.mark.parametrize("dim", [12, 70, 130])
+def test_patterns_group_the_rows_as_numpy_unique_does(dim: int) -> None:
+    """Rows grouped by their pattern of observed values (packed in one, two and three 63-bit
+    words): the same groups as np.unique over rows, each mask that of its rows."""
+    g = torch.Generator().manual_seed(3)
+    # few distinct rows, so that patterns repeat, in random order
+    distinct = torch.rand(40, dim, generator=g) < 0.8
+    observed = distinct[torch.randint(0, 40, (500,), generator=g)]
+    groups = patterns(observed)
+    torch.testing.assert_close(groups.mask[groups.index], observed)
+    assert int(groups.counts.sum()) == 500
+    assert groups.counts.tolist() == torch.bincount(groups.index).tolist()
+    reference, inverse = np.unique(observed.numpy(), axis=0, return_inverse=True)
+    assert len(groups.mask) == len(reference)
+    # the same partition of the rows: each group of ours is one of numpy's
+    pairs = set(zip(groups.index.tolist(), inverse.ravel().tolist(), strict=True))
+    assert len(pairs) == len(reference)
+
+
 def test_complete_rows_give_the_complete_data_likelihood_and_posterior() -> None:
     loadings, noise, mean = factor_model(seed=3)
     x = draw(300, loadings, noise, mean)
@@ -178,17 +198,23 @@ def test_em_is_monotone_and_ends_at_a_stationary_point(fraction: float) -> None:
     assert history[-1] - history[0] > 0.1
 
     params = [p.clone().requires_grad_() for p in (loadings, mean, noise.log())]
-    w, mu, log_psi = params
-    cov = w @ w.T + torch.diag(log_psi.exp())
+    torch_observed_log_likelihood(x, *params).backward()
+    for p in params:
+        assert p.grad.abs().max().item() < 1e-6
+
+
+def torch_observed_log_likelihood(x: torch.Tensor, loadings, mean, log_noise) -> torch.Tensor:
+    """The mean observed-data log-likelihood per row from the dense covariance, pattern by
+    pattern by torch.distributions, differentiable in the parameters."""
+    observed = ~torch.isnan(x)
+    cov = loadings @ loadings.T + torch.diag(log_noise.exp())
     total = 0
     for pattern in observed.unique(dim=0):
         rows = (observed == pattern).all(1)
         sub = x[rows][:, pattern]
-        mvn = torch.distributions.MultivariateNormal(mu[pattern], cov[pattern][:, pattern])
+        mvn = torch.distributions.MultivariateNormal(mean[pattern], cov[pattern][:, pattern])
         total = total + mvn.log_prob(sub).sum()
-    (total / len(x)).backward()
-    for p in params:
-        assert p.grad.abs().max().item() < 1e-6
+    return total / len(x)
 
 
 # -- the model: FactorAnalysis(missing=...) through Lightning ------------------------------------
@@ -263,16 +289,42 @@ def test_nan_is_refused_by_default_with_both_alternatives(em_trainer) -> None:
 
 
 def test_em_in_memory_takes_the_steps_of_em_by_passes(em_trainer) -> None:
-    """Unless streaming, EM iterates on the batches the first pass kept: the same iterates as
-    one EM iteration per pass over the data."""
+    """Unless streaming, EM iterates on the batches the first pass kept: without SQUAREM, the
+    same iterates as one EM iteration per pass over the data."""
     holed = missing_at_random(draw(900, *factor_model(seed=12)), 0.2)
-    kwargs = dict(missing="fiml", max_iter=15, tol=0.0, batch_size=200)
+    kwargs = dict(missing="fiml", max_iter=15, tol=0.0, batch_size=200, accelerate=False)
     memory = fit_model(em_trainer, holed, **kwargs)
     streaming = fit_model(em_trainer, holed, method="streaming", **kwargs)
     assert len(memory.history) == len(streaming.history) == 16
     for a, b in zip(memory.history, streaming.history, strict=True):
         assert a["train/log_likelihood"] == pytest.approx(b["train/log_likelihood"], abs=1e-12)
     torch.testing.assert_close(memory.loadings, streaming.loadings, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3])
+def test_squarem_in_memory_reaches_plain_em_s_maximum_in_fewer_iterations(
+    em_trainer, fraction: float
+) -> None:
+    """SQUAREM cycles on the kept batches: the logged observed-data log-likelihood never
+    decreases, the fit ends at plain EM's maximum (both at tol 1e-10; measured 1e-10 apart,
+    SQUAREM's the higher), where the dense per-pattern log-likelihood's gradient vanishes, in
+    far fewer iterations (measured 15 and 21 cycles, of about three E-steps each, against 196
+    and 277 EM steps)."""
+    holed = missing_at_random(draw(1000, *factor_model(seed=13)), fraction, seed=14)
+    fast = fit_model(em_trainer, holed, missing="fiml", tol=1e-10, batch_size=300)
+    plain = fit_model(em_trainer, holed, missing="fiml", tol=1e-10, accelerate=False)
+    lls = [row["train/log_likelihood"] for row in fast.history]
+    assert np.diff(lls).min() > -1e-12  # EM's guarantee, to round-off
+    assert lls[-1] == pytest.approx(plain.history[-1]["train/log_likelihood"], abs=1e-9)
+    fitted = (p.detach() for p in (fast.loadings, fast.noise_variance, fast.mean))
+    assert dense_observed_log_likelihood(holed, *fitted).mean() == pytest.approx(lls[-1], abs=1e-10)
+    assert int(fast.n_iter) < int(plain.n_iter) / 4, (int(fast.n_iter), int(plain.n_iter))
+    params = [p.detach().clone().requires_grad_() for p in (fast.loadings, fast.mean)]
+    log_psi = fast.noise_variance.detach().log().requires_grad_()
+    total = torch_observed_log_likelihood(holed, *params, log_psi)
+    total.backward()
+    for p in (*params, log_psi):
+        assert p.grad.abs().max().item() < 1e-5
 
 
 @pytest.mark.ddp

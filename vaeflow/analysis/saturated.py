@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from vaeflow.likelihoods import LOG_2PI
+from vaeflow.models.fa_missing import patterns
 from vaeflow.models.stopping import StoppingRule
 
 F64 = torch.float64
@@ -66,25 +67,27 @@ def saturated_e_step(
         mean.new_zeros(()),
     )
     chunk = max(1, CHUNK_BYTES // (8 * dim * dim))
+    eye = torch.eye(dim, dtype=F64, device=mean.device)
     for batch in batches:
         for x in batch.split(chunk):
             x = x.to(F64) - mean
             observed = ~torch.isnan(x)
             keep = observed.any(1)
             x, observed = x[keep], observed[keep]
-            patterns, inverse, counts = torch.unique(
-                observed, dim=0, return_inverse=True, return_counts=True
-            )
-            mask = patterns.to(F64)
+            groups = patterns(observed)
+            inverse, counts = groups.index, groups.counts
+            mask = groups.mask.to(F64)
             pairs = mask[:, :, None] * mask[:, None, :]
             embedded = cov * pairs + torch.diag_embed(1 - mask)  # S_OO, identity elsewhere
             chol = torch.linalg.cholesky(embedded)
-            precision = torch.cholesky_inverse(chol) * pairs  # K_p
+            # K_p = L^-T L^-1: twice as fast as cholesky_inverse's LAPACK call per matrix
+            root = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+            precision = root.mT @ root * pairs  # K_p
             log_det = 2 * chol.diagonal(dim1=1, dim2=2).log().sum(1)  # log det S_OO
             r = torch.where(observed, x, 0.0)
             kr = (precision[inverse] @ r[:, :, None])[:, :, 0]
             filled = kr @ cov  # S K_p r, S symmetric
-            explained = (cov @ precision @ cov * counts[:, None, None].to(F64)).sum(0)
+            explained = cov @ (precision * counts[:, None, None]).sum(0) @ cov
             rows += len(x)
             first += filled.sum(0)
             second += filled.T @ filled + counts.sum() * cov - explained

@@ -98,9 +98,9 @@ class FactorAnalysis(EMModel):
             training data (MNIST's border pixels), which have no scale of their own; each adds
             -1/2 log(2 pi constant_feature_variance) to the log-likelihood (scikit-learn's
             floor is the same 1e-12).
-        accelerate: SQUAREM cycles instead of single EM steps in the ``moments`` method
-            (safeguarded: the log-likelihood still never decreases); an iteration is then one
-            cycle.
+        accelerate: SQUAREM cycles instead of single EM steps in the ``moments`` method and
+            in a ``missing: fiml`` fit in memory (safeguarded: the log-likelihood still never
+            decreases); an iteration is then one cycle.
         rotation: the rotation that the reports use (``loadings.csv``, ``summary.txt``, the
             loadings pictures; :meth:`rotated`): a name of :data:`vaeflow.analysis.ROTATIONS`
             (orthogonal ``varimax``, ``quartimax``, ``equamax``; oblique ``promax``,

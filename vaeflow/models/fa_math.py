@@ -18,7 +18,6 @@ float64 precision times sum_d S_dd / Psi_d, which the noise floor keeps small.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from vaeflow.likelihoods import LOG_2PI
 from vaeflow.models.fa_blas import matmul
+from vaeflow.models.squarem import EMMap, squarem_step
 from vaeflow.models.stopping import StoppingRule
 
 
@@ -198,44 +198,17 @@ def e_step(cov: Tensor, loadings: Tensor, noise_variance: Tensor) -> EStep:
     return EStep(factors, moments, log_likelihood_from_moments(factors, moments))
 
 
-def _em_step(cov: Tensor, state: EStep, floor: Tensor, isotropic: bool) -> EStep:
-    return e_step(cov, *m_step(state.factors, state.moments, floor, isotropic))
-
-
-def _squarem_step(
-    cov: Tensor, w: Tensor, psi: Tensor, state: EStep, floor: Tensor, isotropic: bool
-) -> tuple[Tensor, Tensor, EStep]:
-    """One SQUAREM cycle (Varadhan & Roland, 2008, step length S3) on (W, log Psi).
-
-    Two EM steps give r = F(t) - t and v = F(F(t)) - 2 F(t) + t; the extrapolated point
-    t + 2 a r + a^2 v, a = |r| / |v|, is followed by one stabilising EM step and kept only if its
-    log-likelihood is at least that of F(t), else the two EM steps are taken. Either way the
-    log-likelihood never decreases, and a kept extrapolation costs three E-steps: F(F(t)) is
-    never evaluated. log Psi keeps the extrapolated variances positive.
-    """
-    w1, psi1 = m_step(state.factors, state.moments, floor, isotropic)
-    state1 = e_step(cov, w1, psi1)
-    w2, psi2 = m_step(state1.factors, state1.moments, floor, isotropic)
-    log_psi, log_psi1 = psi.log(), psi1.log()
-    r_w, r_p = w1 - w, log_psi1 - log_psi
-    v_w, v_p = w2 - w1 - r_w, psi2.log() - log_psi1 - r_p
-    # the step length in units of each feature's standard deviation, so that the cycle (like
-    # the model) is equivariant to rescaling a feature
+def covariance_em(cov: Tensor, floor: Tensor, isotropic: bool) -> EMMap[EStep]:
+    """EM on the covariance S as :func:`~vaeflow.models.squarem.squarem_step` takes it: (W,
+    log Psi) the coordinates, W in units of each feature's standard deviation."""
     units = cov.diagonal().sqrt().where(cov.diagonal() > 0, 1.0)[:, None]
-    a = math.sqrt(
-        (((r_w / units) ** 2).sum() + (r_p**2).sum()).item()
-        / max((((v_w / units) ** 2).sum() + (v_p**2).sum()).item(), 1e-300)
+    return EMMap(
+        e_step=lambda p: e_step(cov, *p),
+        m_step=lambda state: m_step(state.factors, state.moments, floor, isotropic),
+        log_likelihood=lambda state: state.log_likelihood,
+        chart=lambda p: (p[0] / units, p[1].log()),
+        point=lambda t: (t[0] * units, torch.maximum(t[1].exp(), floor)),
     )
-    if 1 < a < math.inf:  # a = 1 is the point of the two EM steps
-        w3 = w + 2 * a * r_w + a**2 * v_w
-        psi3 = torch.maximum((log_psi + 2 * a * r_p + a**2 * v_p).exp(), floor)
-        if torch.isfinite(w3).all() and torch.isfinite(psi3).all():  # not an overflow
-            state3 = e_step(cov, w3, psi3)
-            w4, psi4 = m_step(state3.factors, state3.moments, floor, isotropic)
-            state4 = e_step(cov, w4, psi4)
-            if state4.log_likelihood >= state1.log_likelihood:  # False for NaN
-                return w4, psi4, state4
-    return w2, psi2, e_step(cov, w2, psi2)
 
 
 def em_on_covariance(
@@ -255,16 +228,17 @@ def em_on_covariance(
     cycle (three EM steps and an extrapolation: on MNIST about 4x fewer D x D x M products
     than plain EM). ``record`` sees the start (``iterations.start - 1``) and every iterate.
     """
+    em = covariance_em(cov, floor, isotropic)
     state = e_step(cov, w, psi)
     record(Iterate(iterations.start - 1, w, psi, state.log_likelihood, _elbo(w, psi, state)))
     if stopping.last is None:  # a fresh fit (a resumed one has this iterate's value)
         stopping.converged(state.log_likelihood.item(), roundoff_scale(state))
     for iteration in iterations:
         if accelerate:
-            w, psi, state = _squarem_step(cov, w, psi, state, floor, isotropic)
+            (w, psi), state = squarem_step(em, (w, psi), state)
         else:
-            w, psi = m_step(state.factors, state.moments, floor, isotropic)
-            state = e_step(cov, w, psi)
+            w, psi = em.m_step(state)
+            state = em.e_step((w, psi))
         record(Iterate(iteration, w, psi, state.log_likelihood, _elbo(w, psi, state)))
         if stopping.converged(state.log_likelihood.item(), roundoff_scale(state)):
             break

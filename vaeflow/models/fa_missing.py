@@ -8,7 +8,10 @@ fit maximises (Anderson, 1957; in SEM software "FIML", lavaan's ``missing = "ml"
 EM takes z as the latent variable and the observed coordinates as the data (Ghahramani &
 Hinton, 1996; Ilin & Raiko, 2010, for PPCA). With B_n = Psi_O^(-1/2) W_O and
 y_n = Psi_O^(-1/2) (x_O - mu_O), the posterior is z | x_O ~ N(m_n, G_n),
-G_n = (I + B_n^T B_n)^-1, m_n = G_n B_n^T y_n: one M x M Cholesky factor per row. Each
+G_n = (I + B_n^T B_n)^-1, m_n = G_n B_n^T y_n. G_n depends on the row only through its
+pattern of observed values, so rows are grouped by pattern (:func:`patterns`) and each pattern
+takes one M x M inverse and Cholesky factor (628 patterns among 2000 rows of 12 features with
+a fifth missing; one for complete data). Each
 feature's M-step is a regression of its observed values on z~ = (z, 1) under the posterior,
 which updates its loadings, its mean and its noise variance together (the mean is no longer
 the sample mean):
@@ -34,13 +37,48 @@ from vaeflow.likelihoods import LOG_2PI
 F64 = torch.float64
 
 
+class Patterns(NamedTuple):
+    """The distinct patterns of observed values among some rows: ``mask`` (P x D, bool), the
+    pattern of each row ``index`` (N, into ``mask``) and how many rows have each, ``counts``
+    (P). Rows of one pattern share every factorisation of the E-step."""
+
+    mask: Tensor
+    index: Tensor
+    counts: Tensor
+
+
+#: Bits of a row's mask packed into one int64 word by :func:`patterns` (2^0 .. 2^62).
+WORD_BITS = 63
+
+
+def patterns(observed: Tensor) -> Patterns:
+    """The patterns of the rows of ``observed`` (N x D, bool), in no particular order.
+
+    Each row's mask is packed into int64 words (one up to D = 63) and the words sorted as
+    numbers: ``torch.unique(dim=0)`` compares rows pair by pair, 3.5 ms for 2000 x 12 values,
+    most of an E-step of the saturated model, against 0.05 ms.
+    """
+    powers = 2 ** torch.arange(WORD_BITS, device=observed.device)
+    index = None
+    for block in observed.split(WORD_BITS, dim=1):
+        word = (block * powers[: block.shape[1]]).sum(1)
+        if index is not None:  # the pair (pattern so far, this word), numbered
+            word = torch.unique(word, return_inverse=True)[1] + index * len(observed)
+        _, index, counts = torch.unique(word, return_inverse=True, return_counts=True)
+    every = torch.arange(len(index), device=index.device)
+    rows = torch.empty_like(counts).scatter_(0, index, every)  # a row of each pattern
+    return Patterns(observed[rows], index, counts)
+
+
 class Posterior(NamedTuple):
-    """z | x_O of each row: means (N x M), Cholesky factors L_n of G_n^-1 = I + B_n^T B_n
-    (N x M x M), and the observed-data log-likelihood log p(x_O) of each row (N,)."""
+    """z | x_O of each row: means (N x M) and the observed-data log-likelihood log p(x_O)
+    (N,); the rows' ``patterns`` and each pattern's posterior covariance
+    G_p = (I + B_p^T B_p)^-1 (P x M x M)."""
 
     mean: Tensor
-    precision_cholesky: Tensor
     log_likelihood: Tensor
+    patterns: Patterns
+    covariance: Tensor
 
 
 class MissingSums(NamedTuple):
@@ -60,7 +98,8 @@ class MissingSums(NamedTuple):
 
 def posterior(x: Tensor, loadings: Tensor, noise_variance: Tensor, mean: Tensor) -> Posterior:
     """The posterior of z given each row's observed coordinates (NaN: missing), and the row's
-    observed-data log-likelihood, in O(N D M^2).
+    observed-data log-likelihood, in O(N D M + P D M^2) for P patterns of observed values: one
+    M x M Cholesky factor per pattern.
 
     The quadratic form y^T (I + B B^T)^-1 y is |y - B m|^2 + |m|^2: two non-negative terms, the
     first an explicit residual, so nothing large cancels (as in
@@ -68,21 +107,26 @@ def posterior(x: Tensor, loadings: Tensor, noise_variance: Tensor, mean: Tensor)
     as posterior and log-likelihood 0.
     """
     observed = ~torch.isnan(x)
-    precision = observed / noise_variance  # Psi_O^-1 on each row's diagonal, 0 where missing
-    centred = torch.where(observed, x - mean, 0.0)
+    groups = patterns(observed)
+    mask = groups.mask.to(x.dtype)
     dim, latent = loadings.shape
     outer = (loadings[:, :, None] * loadings[:, None, :]).reshape(dim, latent * latent)
     eye = torch.eye(latent, dtype=x.dtype, device=x.device)
-    chol = torch.linalg.cholesky(eye + (precision @ outer).reshape(-1, latent, latent))
+    inverse = eye + (mask / noise_variance @ outer).reshape(-1, latent, latent)  # G_p^-1
+    precision = observed / noise_variance  # Psi_O^-1 on each row's diagonal, 0 where missing
+    centred = torch.where(observed, x - mean, 0.0)
     projected = (centred * precision) @ loadings  # B^T y = W_O^T Psi_O^-1 (x_O - mu_O)
-    post_mean = torch.cholesky_solve(projected[:, :, None], chol)[:, :, 0]
+    # P small inverses in one batched call: cholesky_solve and cholesky_inverse take 4-6x as
+    # long (a LAPACK call per matrix); the quadratic form below is stationary in the mean, so
+    # its error from the inverse's is second order
+    covariance = torch.linalg.inv(inverse)
+    post_mean = (covariance[groups.index] @ projected[:, :, None])[:, :, 0]
     residual = (centred - post_mean @ loadings.T) ** 2 * precision
     quad = residual.sum(1) + (post_mean**2).sum(1)
-    log_det = torch.where(observed, noise_variance.log(), 0.0).sum(1) + 2 * chol.diagonal(
-        dim1=1, dim2=2
-    ).log().sum(1)
-    ll = -0.5 * (observed.sum(1, dtype=x.dtype) * LOG_2PI + log_det + quad)
-    return Posterior(post_mean, chol, ll)
+    chol = torch.linalg.cholesky(inverse)
+    log_det = mask @ noise_variance.log() + 2 * chol.diagonal(dim1=1, dim2=2).log().sum(1)
+    ll = -0.5 * (observed.sum(1, dtype=x.dtype) * LOG_2PI + log_det[groups.index] + quad)
+    return Posterior(post_mean, ll, groups, covariance)
 
 
 def observed_log_likelihood(
@@ -134,13 +178,19 @@ def add_sums_(
     n, latent = post.mean.shape
     ones = post.mean.new_ones(n, 1)
     first = torch.cat([post.mean, ones], 1)  # E[z~] (N x (M + 1))
-    covariance = torch.cholesky_inverse(post.precision_cholesky)  # G_n
-    second = first[:, :, None] * first[:, None, :]
-    second[:, :latent, :latent] += covariance  # E[z~ z~^T] = G~ + E[z~] E[z~]^T
+    # E[z~ z~^T] = G~ + E[z~] E[z~]^T, its G~ summed per pattern
+    second = (weights.T @ (first[:, :, None] * first[:, None, :]).flatten(1)).reshape(
+        sums.second.shape
+    )
+    groups = post.patterns
+    weighted = groups.mask.to(F64) * groups.counts[:, None]  # rows of each pattern observing d
+    second[:, :latent, :latent] += (weighted.T @ post.covariance.flatten(1)).reshape(
+        -1, latent, latent
+    )
     sums.rows.add_(observed.any(1).sum())
     sums.count.add_(weights.sum(0))
     sums.cross.add_(values.T @ first)
-    sums.second.add_((weights.T @ second.reshape(n, -1)).reshape(sums.second.shape))
+    sums.second.add_(second)
     sums.squares.add_((values**2).sum(0))
     sums.log_likelihood.add_(post.log_likelihood.sum())
 
