@@ -4,6 +4,7 @@ log-likelihood from decreasing."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vaeflow.models.squarem import EMMap, Parameters, squarem_step
@@ -30,9 +31,10 @@ def test_on_a_linear_map_the_extrapolation_lands_on_the_fixed_point() -> None:
     steps only shrink the error by rate^2."""
     em = toy_em(0.9)
     start = (torch.tensor([3.0, 3.0, 3.0], dtype=F64),)
-    (point,), state = squarem_step(em, start, em.e_step(start))
+    (point,), state, remaining = squarem_step(em, start, em.e_step(start))
     torch.testing.assert_close(point, TARGET, rtol=0, atol=1e-12)
     assert state[0] is point
+    assert abs(remaining) < 1e-12  # nothing is left to gain at the fixed point
 
 
 def test_an_extrapolation_that_lowers_the_likelihood_is_replaced_by_two_em_steps() -> None:
@@ -46,14 +48,16 @@ def test_an_extrapolation_that_lowers_the_likelihood_is_replaced_by_two_em_steps
         return torch.where(error < 1e-6, -1e9, -error)
 
     em = toy_em(0.9, punishing)
-    (point,), _ = squarem_step(em, start, em.e_step(start))
+    (point,), _, remaining = squarem_step(em, start, em.e_step(start))
     twice = TARGET + 0.81 * (start[0] - TARGET)
     torch.testing.assert_close(point, twice, rtol=0, atol=1e-12)
+    # EM's rate, read off the step length, says what is left: here exactly the gap at F(F(t))
+    assert remaining == pytest.approx(((twice - TARGET) ** 2).sum().item(), rel=1e-9)
 
 
 def test_a_step_length_of_at_most_one_takes_the_two_em_steps() -> None:
     """a <= 1 (the map expands rather than contracts) gives no extrapolation beyond F(F(t))."""
     em = toy_em(3.0)
     start = (torch.tensor([2.0, 0.0, 1.0], dtype=F64),)
-    (point,), _ = squarem_step(em, start, em.e_step(start))
+    (point,), _, _ = squarem_step(em, start, em.e_step(start))
     torch.testing.assert_close(point, TARGET + 9.0 * (start[0] - TARGET), rtol=0, atol=1e-12)

@@ -74,3 +74,16 @@ def test_the_state_round_trips() -> None:
     copy = StoppingRule(1e-12)
     copy.load_state_dict(rule.state_dict())
     assert run(copy, values[5:]) == run(rule, values[5:])
+
+
+def test_another_estimate_of_what_remains_keeps_the_fit_going() -> None:
+    """Gains that shrink fast (ratio 0.1) say "converged"; a SQUAREM cycle's estimate of what
+    plain EM would still gain (1e-5) overrules them, and the fit stops once it is within tol."""
+    values = [-10 + 1 - 0.1**k for k in range(8)]
+    quick, careful = StoppingRule(tol=1e-6), StoppingRule(tol=1e-6)
+    stopped = [quick.converged(v, 1.0) for v in values]
+    assert any(stopped)
+    assert not any(
+        careful.converged(v, 1.0, remaining=1e-5) for v in values[: stopped.index(True) + 1]
+    )
+    assert careful.converged(values[-1] + 1e-9, 1.0, remaining=1e-7)

@@ -233,14 +233,15 @@ def em_on_covariance(
     record(Iterate(iterations.start - 1, w, psi, state.log_likelihood, _elbo(w, psi, state)))
     if stopping.last is None:  # a fresh fit (a resumed one has this iterate's value)
         stopping.converged(state.log_likelihood.item(), roundoff_scale(state))
+    remaining = 0.0
     for iteration in iterations:
         if accelerate:
-            (w, psi), state = squarem_step(em, (w, psi), state)
+            (w, psi), state, remaining = squarem_step(em, (w, psi), state)
         else:
             w, psi = em.m_step(state)
             state = em.e_step((w, psi))
         record(Iterate(iteration, w, psi, state.log_likelihood, _elbo(w, psi, state)))
-        if stopping.converged(state.log_likelihood.item(), roundoff_scale(state)):
+        if stopping.converged(state.log_likelihood.item(), roundoff_scale(state), remaining):
             break
     return w, psi
 

@@ -81,12 +81,13 @@ class MissingFitter(Fitter):
         with single_thread_if(model.dim * k**2 * (rows + k) < SMALL_WORK):
             if state is None:
                 state = em.e_step(self.parameters())
-            while self.goes_on(state):
+            remaining = 0.0
+            while self.goes_on(state, remaining):
                 if not self.kept:  # streaming: the M-step; the next pass takes the E-step
                     self.set_parameters(em.m_step(state))
                     return FIMLPass(self)
                 if model.hparams.accelerate:
-                    parameters, state = squarem_step(em, state.parameters, state)
+                    parameters, state, remaining = squarem_step(em, state.parameters, state)
                 else:
                     parameters = em.m_step(state)
                     state = em.e_step(parameters)
@@ -118,15 +119,15 @@ class MissingFitter(Fitter):
         model = self.model
         return tuple(p.detach().clone() for p in (model.loadings, model.noise_variance, model.mean))
 
-    def goes_on(self, state: FIMLState) -> bool:
-        """Record the iterate whose E-step ``state`` is; whether EM goes on (the stopping rule
-        has not stopped it, nor ``max_iter``)."""
+    def goes_on(self, state: FIMLState, remaining: float = 0.0) -> bool:
+        """Record the iterate whose E-step ``state`` is; whether EM goes on (the stopping rule,
+        given a SQUAREM cycle's ``remaining``, has not stopped it, nor ``max_iter``)."""
         model = self.model
         w, psi, _ = state.parameters
         ll = state.log_likelihood
         model.record(Iterate(int(model.n_iter), w, psi, ll, ll))  # the ELBO after an E-step
         trace = (state.sums.squares / psi).sum() / state.sums.rows
-        converged = self.stopping.converged(ll.item(), (trace + ll.abs()).item())
+        converged = self.stopping.converged(ll.item(), (trace + ll.abs()).item(), remaining)
         return not converged and int(model.n_iter) < model.hparams.max_iter
 
     def set_parameters(self, parameters: Parameters) -> None:

@@ -59,11 +59,13 @@ class StoppingRule:
     #: The last estimate of the distance to the limit (inf without an estimate).
     distance: float = math.inf
 
-    def converged(self, log_likelihood: float, scale: float) -> bool:
+    def converged(self, log_likelihood: float, scale: float, remaining: float = 0.0) -> bool:
         """Take the next iterate's log-likelihood (nats per example); whether to stop.
 
         Args:
             scale: size of the terms that the log-likelihood sums, which sets its round-off.
+            remaining: another estimate of the distance to the limit, which the Aitken
+                estimate must not undercut (:class:`~vaeflow.models.squarem.Cycle`).
         """
         last, self.last = self.last, log_likelihood
         if last is None:
@@ -82,7 +84,7 @@ class StoppingRule:
         if all(g > 0 for g in self.gains):
             rate = max(b / a for a, b in zip(self.gains, self.gains[1:], strict=False))
             if rate < 1:
-                self.distance = gain * rate / (1 - rate)
+                self.distance = max(gain * rate / (1 - rate), remaining)
                 if self.distance <= self.tol:
                     self.reason = "aitken"
                     return True
