@@ -65,13 +65,19 @@ CKPT_KEYWORDS = ("best", "hpc", "registry")
 #: Where runs go unless ``trainer.default_root_dir`` or a logger says otherwise.
 RUNS_DIR = "runs"
 #: The models and data modules vaeflow ships, whose options ``vaeflow fit --help`` shows.
-SHIPPED_MODELS = (models.VAE, models.FactorAnalysis)
+SHIPPED_MODELS = (
+    models.VAE,
+    models.FactorAnalysis,
+    models.BayesianFactorAnalysis,
+    models.MixtureOfFactorAnalyzers,
+)
 SHIPPED_DATA = (
     data.DigitsDataModule,
     data.MNISTDataModule,
     data.FashionMNISTDataModule,
     data.CIFAR10DataModule,
     data.ArrayDataModule,
+    data.AnnDataModule,
     data.CovarianceDataModule,
     data.SyntheticFADataModule,
 )
