@@ -247,25 +247,26 @@ class AnnDataModule(InMemoryDataModule):
             return None, None
         return torch.from_numpy(self._categories(self.labels_key)[0]), None
 
+    def _condition_key(self) -> str:
+        """The ``obs`` column of the condition: ``condition``, or ``labels``'s for ``labels``."""
+        if self.condition == "none":
+            raise DataError(f"{type(self).__name__} has no condition: set condition")
+        if self.condition != "labels":
+            return self.condition
+        if self.labels_key is None:
+            raise DataError(
+                f"{type(self).__name__} has no class labels to condition on: set labels to "
+                "an obs column, or condition to the obs column itself"
+            )
+        return self.labels_key
+
     @property
     def condition_categories(self) -> list[str]:
         """The condition column's categories; condition k is the k-th."""
-        key = self.labels_key if self.condition == "labels" else self.condition
-        if self.condition == "none" or key is None:
-            raise DataError(f"{type(self).__name__} has no condition: set condition")
-        return self._categories(key)[1]
+        return self._categories(self._condition_key())[1]
 
     @override
     def load_condition(self) -> tuple[Tensor, None, int]:
         """The codes of the ``obs`` column ``condition`` (of ``labels`` for ``labels``)."""
-        if self.condition == "labels":
-            if self.labels_key is None:
-                raise DataError(
-                    f"{type(self).__name__} has no class labels to condition on: set labels to "
-                    "an obs column, or condition to the obs column itself"
-                )
-            key = self.labels_key
-        else:
-            key = self.condition
-        codes, categories = self._categories(key)
+        codes, categories = self._categories(self._condition_key())
         return torch.from_numpy(codes), None, len(categories)
